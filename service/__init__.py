@@ -1,0 +1,3 @@
+"""filedock: an event-driven file-intake service."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,263 @@
+"""The service's lifecycle: the only module that starts long-running tasks or owns signals.
+
+settings → folders and self-checks → ledger → recovery → pipeline, discovery,
+HTTP, housekeeping → (signal) → ordered shutdown.
+
+Shutdown has two stages. The first SIGTERM/SIGINT stops intake and lets
+in-flight imports finish within `shutdown_grace_s`; what is left is cancelled
+and picked up by recovery at the next start. A second signal cancels at once.
+Bookkeeping (ledger writes, archive moves) is shielded either way, so nothing
+is left half-moved.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from pathlib import Path
+
+import anyio
+from anyio.abc import TaskGroup
+
+from service.errors import StartupError
+from service.fsutil import free_bytes, probe_same_filesystem
+from service.http import Health, build_http_app, serve_http
+from service.ledger import JobRecord, Ledger, ledger_for_url
+from service.metrics import Metrics
+from service.pipeline import Pipeline
+from service.readiness import Readiness
+from service.recovery import Recovery
+from service.routes import Router
+from service.settings import Settings
+from service.watcher import (
+    NETWORK_FILESYSTEMS,
+    Discovery,
+    Intake,
+    detect_watch_mode,
+    filesystem_type,
+)
+
+__all__ = ["App"]
+
+log = logging.getLogger("filedock.app")
+FOLDERS = ("transfer", "proc", "archive", "failed", "temp")
+
+
+class App:
+    """One filedock process. `run()` returns the exit code.
+
+    Args:
+        settings: the effective configuration.
+        once: drain what is in `transfer/` (and due retries), then return.
+        metrics: a registry to export to (tests pass their own).
+    """
+
+    def __init__(self, settings: Settings, *, once: bool = False, metrics: Metrics | None = None):
+        self.settings = settings
+        self.once = once
+        self.metrics = metrics or Metrics()
+        self.shutdown = anyio.Event()
+        self._signals = 0
+        self._tg: TaskGroup | None = None
+        self.http_port: int | None = None
+        self.ready = anyio.Event()
+
+    # -- signals (plain callables: tests call them directly) ---------------------------
+
+    def request_shutdown(self) -> None:
+        """First call: graceful stop. Second call: cancel everything now."""
+        self._signals += 1
+        if self._signals == 1:
+            log.info(
+                "shutting down: intake stopped, waiting for imports in flight",
+                extra={"grace_s": self.settings.shutdown_grace_s},
+            )
+            self.shutdown.set()
+        elif self._tg is not None:
+            log.warning("second signal: stopping now; recovery finishes the rest at next start")
+            self._tg.cancel_scope.cancel()
+
+    async def _watch_signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for _ in signals:
+                self.request_shutdown()
+
+    # -- start-up ----------------------------------------------------------------------
+
+    def _prepare_folders(self) -> None:
+        s = self.settings
+        for name in (*FOLDERS, "state"):
+            s.folder(name).mkdir(parents=True, exist_ok=True)
+        probe_same_filesystem(s.folder("transfer"), s.folder("proc"))
+        url = s.effective_ledger_url
+        if url.startswith("sqlite:///"):
+            fstype = filesystem_type(Path(url.removeprefix("sqlite:///")).parent)
+            if fstype in NETWORK_FILESYSTEMS or fstype.startswith("fuse"):
+                raise StartupError(
+                    f"the SQLite ledger is on a network filesystem ({fstype}): SQLite's locking "
+                    "does not work there. Use a PostgreSQL ledger (ledger_url: postgresql://...)"
+                )
+
+    async def run(self) -> int:
+        s = self.settings
+        await anyio.to_thread.run_sync(self._prepare_folders)
+        ledger = ledger_for_url(s.effective_ledger_url)
+        await ledger.open()
+        try:
+            return await self._run(ledger)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await ledger.close()
+
+    async def _run(self, ledger: Ledger) -> int:
+        s, m = self.settings, self.metrics
+        router = Router(list(s.routes))
+        mode = "scan" if self.once else detect_watch_mode(s.folder("transfer"), s.watch_mode)
+        intake = Intake([r.name for r in s.routes], s.queue_size, m)
+        readiness = Readiness(s.folder("transfer"))
+        discovery = Discovery(s, router, readiness, intake, m, mode=mode)
+        pipeline = Pipeline(s, ledger, m, intake)
+        health = Health(
+            ledger,
+            m,
+            {name: s.folder(name) for name in FOLDERS},
+            s.min_free_bytes,
+            discovery_alive=lambda: not discovery_done.is_set(),
+        )
+        discovery_done = anyio.Event()
+        started = time.monotonic()
+        log.info(
+            "filedock starting",
+            extra={
+                "routes": [r.name for r in s.routes],
+                "watch_mode": mode,
+                "ledger": _redact(ledger.url),
+                "replica_id": s.replica_id,
+                "once": self.once,
+            },
+        )
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            if not self.once:
+                tg.start_soon(self._watch_signals)
+            if s.http.enabled and not self.once:
+                self.http_port = await tg.start(
+                    serve_http, build_http_app(health), s.http.host, s.http.port
+                )
+                log.info("serving HTTP", extra={"host": s.http.host, "port": self.http_port})
+            tg.start_soon(self._tick, health)
+            report = await Recovery(s, ledger, m, router).run()
+            health.recovery_done = True
+            await pipeline.run_stages(tg)
+            tg.start_soon(self._resume_all, pipeline, report.resume)
+            tg.start_soon(pipeline.run_heartbeat)
+            tg.start_soon(self._gauges, pipeline, discovery, ledger)
+            self._start_reaper(tg, ledger)
+            self.ready.set()
+            if self.once:
+                await self._drain(pipeline, discovery, report.resume)
+            else:
+                tg.start_soon(self._discover, discovery, discovery_done)
+                tg.start_soon(pipeline.run_retry_scheduler)
+                await self.shutdown.wait()
+                health.stopping = True
+                discovery.stop.set()
+                await self._graceful_stop(pipeline)
+            tg.cancel_scope.cancel()
+        t = pipeline.tally
+        log.info(
+            "filedock stopped",
+            extra={
+                "done": t.done,
+                "failed": t.failed,
+                "retried": t.retried,
+                "outcomes": t.by_outcome,
+                "in_flight_left": len(pipeline.active),
+                "uptime_s": round(time.monotonic() - started, 3),
+            },
+        )
+        if self.once:
+            return 1 if t.failed else 0
+        return 0
+
+    async def _discover(self, discovery: Discovery, done: anyio.Event) -> None:
+        try:
+            await discovery.run()
+        finally:
+            done.set()
+
+    async def _resume_all(self, pipeline: Pipeline, jobs: list[JobRecord]) -> None:
+        for job in jobs:
+            await pipeline.resume(job)
+
+    async def _drain(self, pipeline: Pipeline, discovery: Discovery, resumed: list[JobRecord]) -> None:
+        """`run --once`: one scan, then until nothing is queued, in flight or due."""
+        while True:
+            await discovery.scan()
+            await pipeline.wait_idle()
+            if not await pipeline.dispatch_due():
+                await pipeline.wait_idle()
+                if not await pipeline.dispatch_due():
+                    return
+
+    async def _graceful_stop(self, pipeline: Pipeline) -> None:
+        pipeline.draining = True
+        with anyio.move_on_after(self.settings.shutdown_grace_s) as scope:
+            await pipeline.wait_idle(include_intake=False)
+        if scope.cancelled_caught:
+            log.warning(
+                "grace period over: cancelling imports still running",
+                extra={"in_flight": len(pipeline.active)},
+            )
+
+    async def _tick(self, health: Health) -> None:
+        while True:
+            health.loop_tick = time.monotonic()
+            await anyio.sleep(1.0)
+
+    async def _gauges(self, pipeline: Pipeline, discovery: Discovery, ledger: Ledger) -> None:
+        """Folder backlogs, oldest waiting file, free space: every few seconds."""
+        s, m = self.settings, self.metrics
+        while True:
+            for name in FOLDERS:
+                try:
+                    m.filesystem_free.labels(name).set(free_bytes(s.folder(name)))
+                except OSError:
+                    pass
+            try:
+                counts = await ledger.counts()
+            except Exception:
+                m.ledger_errors.inc()
+                counts = {}
+            now = time.time()
+            waiting_jobs = sum(
+                counts.get(st, 0) for st in ("claimed", "importing", "waiting", "archiving")
+            )
+            m.backlog_files.labels("transfer").set(discovery.backlog_files)
+            m.backlog_bytes.labels("transfer").set(discovery.backlog_bytes)
+            m.backlog_files.labels("proc").set(waiting_jobs)
+            m.backlog_files.labels("failed").set(counts.get("failed", 0))
+            oldest = min(
+                [discovery.oldest_mtime or now] + [j.detected_at for j in pipeline.active.values()]
+            )
+            m.oldest_waiting_age.set(max(0.0, now - oldest))
+            await anyio.sleep(5.0)
+
+    def _start_reaper(self, tg: TaskGroup, ledger: Ledger) -> None:
+        try:
+            from service.reaper import Reaper
+        except ImportError:
+            return
+        if not self.once:
+            tg.start_soon(Reaper(self.settings, ledger, self.metrics).run_forever)
+
+
+def _redact(url: str) -> str:
+    """A ledger URL without its password, for logs."""
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in creds else url

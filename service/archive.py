@@ -1,0 +1,248 @@
+"""Archive and set aside: where a job's folder ends, and the documents it carries.
+
+Archive (exactly once): write `archive/YYYY/MM/DD/<id>.tmp/` (the source
+gzipped, the importer's outputs, `importer.log`, `manifest.json`), make it
+durable, verify the compressed copy against the source's SHA-256, rename it to
+`<id>/`, make that durable; only then may the ledger say `done` and the
+source in `proc/` be removed.
+
+Set aside: write `error.json` into the job folder, then move the whole folder
+to `failed/<id>/` (one rename, or a durable copy across filesystems).
+
+These functions block; the pipeline runs them in worker threads.
+"""
+
+from __future__ import annotations
+
+import errno
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from service.claim import stored_name
+from service.errors import JobError
+from service.fsutil import Barrier, fsync_dir, move_tree, write_durable
+from service.ledger.base import JobRecord
+from service.names import display_name, name_b64, rfc3339, safe_archive_name
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "archive_dir_for",
+    "build_archive",
+    "error_document",
+    "manifest_document",
+    "publish_archive",
+    "set_aside",
+]
+
+SCHEMA_VERSION = 1
+_CHUNK = 1 << 20
+HOST = socket.gethostname()
+
+
+def archive_dir_for(archive_root: Path, job_id: str, now: float) -> Path:
+    t = time.gmtime(now)
+    return archive_root / f"{t.tm_year:04d}" / f"{t.tm_mon:02d}" / f"{t.tm_mday:02d}" / job_id
+
+
+def _identity(job: JobRecord) -> dict[str, Any]:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "job_id": job.id,
+        "route": job.route,
+        "name": display_name(job.name),
+        "name_b64": name_b64(job.name),
+        "relative_path": display_name(job.relative_path),
+        "size": job.size,
+        "sha256": job.sha256,
+        "attempts": job.history,
+        "detected_at": rfc3339(job.detected_at),
+        "claimed_at": rfc3339(job.created_at),
+        "host": HOST,
+    }
+
+
+def manifest_document(
+    job: JobRecord,
+    *,
+    outcome: str,
+    files: list[dict[str, Any]],
+    importer: dict[str, Any],
+    archived_at: float,
+) -> dict[str, Any]:
+    doc = _identity(job)
+    doc.update(
+        outcome=outcome,
+        archived_at=rfc3339(archived_at),
+        importer=importer,
+        files=files,
+    )
+    if job.duplicate_of:
+        doc["duplicate_of"] = job.duplicate_of
+    return doc
+
+
+def error_document(
+    job: JobRecord, *, error_class: str, message: str, outcome: str, failed_at: float
+) -> dict[str, Any]:
+    doc = _identity(job)
+    doc.update(
+        outcome=outcome,
+        error_class=error_class,
+        message=display_name(message[:4000]),
+        failed_at=rfc3339(failed_at),
+        how_to_retry=f"filedock retry {job.id}",
+    )
+    return doc
+
+
+def _dump(doc: dict[str, Any]) -> bytes:
+    return (json.dumps(doc, indent=2, ensure_ascii=True) + "\n").encode()
+
+
+def _gzip_and_hash(src: bytes, dst: Path, job: JobRecord) -> None:
+    """Compress the source, hashing it on the way; it must still be what was claimed."""
+    h = hashlib.sha256()
+    fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if st.st_size != job.size or st.st_mtime_ns != job.mtime_ns:
+            raise JobError(
+                "modified_during_processing",
+                f"the file changed after it was claimed (size {job.size} -> {st.st_size})",
+            )
+        with open(dst, "wb") as raw, gzip.GzipFile("", "wb", 6, raw, mtime=0) as gz:
+            while chunk := os.read(fd, _CHUNK):
+                h.update(chunk)
+                gz.write(chunk)
+    finally:
+        os.close(fd)
+    if h.hexdigest() != job.sha256:
+        raise JobError(
+            "modified_during_processing", "the file's content changed after it was claimed"
+        )
+
+
+def _verify_gzip(path: Path, sha256: str | None) -> None:
+    h = hashlib.sha256()
+    with gzip.open(path, "rb") as gz:
+        while chunk := gz.read(_CHUNK):
+            h.update(chunk)
+    if h.hexdigest() != sha256:
+        # The copy is bad (the source was checked while compressing): rebuild it.
+        raise JobError("io_error", "the compressed copy does not match its source", retryable=True)
+
+
+def build_archive(
+    job: JobRecord,
+    *,
+    proc_dir: Path,
+    final_dir: Path,
+    outcome: str,
+    importer: dict[str, Any],
+    log: bytes | None,
+    skip_outputs: set[str],
+    barrier: Barrier,
+) -> dict[str, Any]:
+    """Write `<final_dir>.tmp/` completely; the caller flushes the barrier, then publishes.
+
+    Returns the manifest.
+    """
+    tmp = final_dir.with_name(final_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)  # our own unfinished copy from an interrupted attempt
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    os.mkdir(tmp)
+    gz_name = os.fsdecode(safe_archive_name(job.name, b".gz"))
+    src = os.fsencode(proc_dir) + b"/" + stored_name(job.name)
+    _gzip_and_hash(src, tmp / gz_name, job)
+    _verify_gzip(tmp / gz_name, job.sha256)
+    files: list[dict[str, Any]] = [{"name": gz_name, "role": "source", "sha256": job.sha256}]
+    barrier.file(tmp / gz_name)
+    out_dir = proc_dir / "out"
+    if out_dir.is_dir():
+        entries = sorted(e for e in os.listdir(out_dir) if e not in skip_outputs)
+        if entries:
+            os.mkdir(tmp / "out")
+            barrier.dir(tmp / "out")
+        for entry in entries:
+            _copy_output(out_dir / entry, tmp / "out" / entry, barrier)
+            files.append({"name": f"out/{entry}", "role": "output"})
+    if log:
+        (tmp / "importer.log").write_bytes(log)
+        barrier.file(tmp / "importer.log")
+        files.append({"name": "importer.log", "role": "log"})
+    manifest = manifest_document(
+        job, outcome=outcome, files=files, importer=importer, archived_at=time.time()
+    )
+    (tmp / "manifest.json").write_bytes(_dump(manifest))
+    barrier.file(tmp / "manifest.json")
+    barrier.dir(tmp)
+    return manifest
+
+
+def _copy_output(src: Path, dst: Path, barrier: Barrier) -> None:
+    if src.is_symlink():
+        return  # never follow a link an importer left behind
+    if src.is_dir():
+        shutil.copytree(src, dst, symlinks=True)
+        barrier.dir(dst)
+        return
+    try:
+        os.link(src, dst)  # same filesystem: no copy
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+            raise
+        shutil.copyfile(src, dst)
+    barrier.file(dst)
+
+
+def publish_archive(final_dir: Path) -> None:
+    """Rename the durable `<id>.tmp/` to `<id>/` (the caller makes the parent durable)."""
+    tmp = final_dir.with_name(final_dir.name + ".tmp")
+    try:
+        os.rename(tmp, final_dir)
+    except OSError as e:
+        if e.errno == errno.ENOENT and final_dir.exists():
+            return  # done already: an NFS retransmission reports the rename as failed
+        raise
+
+
+def set_aside(proc_dir: Path, failed_dir: Path, error: dict[str, Any]) -> None:
+    """Move a job folder to `failed/<id>/` with its `error.json` already inside.
+
+    Writing `error.json` first means a folder in `failed/` is always complete.
+    """
+    write_durable(proc_dir / "error.json", _dump(error))
+    move_tree(proc_dir, failed_dir)
+
+
+def set_aside_pending(pending: Path, failed_dir: Path, error: dict[str, Any]) -> None:
+    """For a partial import: the rows that failed go to `failed/<id>/` with `error.json`."""
+    tmp = failed_dir.with_name(failed_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    os.mkdir(tmp)
+    shutil.copyfile(pending, tmp / pending.name)
+    barrier = Barrier()
+    barrier.file(tmp / pending.name)
+    (tmp / "error.json").write_bytes(_dump(error))
+    barrier.file(tmp / "error.json")
+    barrier.dir(tmp)
+    barrier.flush()
+    os.rename(tmp, failed_dir)
+    fsync_dir(failed_dir.parent)
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None

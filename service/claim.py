@@ -1,0 +1,168 @@
+"""Claim: one rename out of `transfer/` into `proc/<job-id>/`, then vet what was moved.
+
+The entry is renamed first, whatever it is, and vetted afterwards inside
+`proc/`, where no upstream can swap it: the classic race between looking at a
+file and opening it (a regular file replaced by a symlink to a secret) cannot
+happen. Renaming a symlink moves the link itself; its target is never opened.
+A FIFO is never opened for reading (`lstat` says what it is first).
+
+These functions block; the pipeline runs them in worker threads.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from service.errors import JobError
+from service.fsutil import Barrier
+
+__all__ = ["ClaimResult", "Vetted", "claim_batch", "payload_name", "stored_name", "vet"]
+
+# Names the service writes into a job folder; a payload with one of them is stored as `_<name>`.
+RESERVED = frozenset({b"out", b"error.json", b"manifest.json", b"importer.log"})
+_CHUNK = 1 << 20
+
+
+def stored_name(name: bytes) -> bytes:
+    """The payload's name inside its job folder (the ledger keeps the original)."""
+    return b"_" + name if name.lstrip(b"_") in RESERVED else name
+
+
+def payload_name(stored: bytes) -> bytes:
+    """The original name from a stored one (inverse of `stored_name`)."""
+    if stored.startswith(b"_") and stored.lstrip(b"_") in RESERVED:
+        return stored[1:]
+    return stored
+
+
+@dataclass(frozen=True)
+class ClaimResult:
+    rel: bytes
+    job_id: str
+    status: Literal["claimed", "gone", "error"]
+    error: str | None = None
+
+
+def claim_batch(
+    transfer: Path, proc: Path, items: list[tuple[bytes, str]], *, use_syncfs: bool = True
+) -> list[ClaimResult]:
+    """Rename each `transfer/<rel>` to `proc/<id>/<name>`; one barrier for the batch.
+
+    A file that is gone (another replica claimed it, or the upstream took it back)
+    is reported as `gone`: normal, and quiet.
+    """
+    tb, pb = os.fsencode(transfer), os.fsencode(proc)
+    barrier = Barrier(use_syncfs=use_syncfs)
+    results: list[ClaimResult] = []
+    for rel, job_id in items:
+        src = tb + b"/" + rel
+        job_dir = pb + b"/" + job_id.encode()
+        name = rel.rsplit(b"/", 1)[-1]
+        try:
+            os.mkdir(job_dir)
+        except OSError as e:
+            results.append(ClaimResult(rel, job_id, "error", f"mkdir in proc/: {e.strerror}"))
+            continue
+        try:
+            os.rename(src, job_dir + b"/" + stored_name(name))
+        except OSError as e:
+            os.rmdir(job_dir)
+            if e.errno in (errno.ENOENT, errno.ENOTDIR):
+                results.append(ClaimResult(rel, job_id, "gone"))
+            else:
+                results.append(ClaimResult(rel, job_id, "error", f"rename: {e.strerror}"))
+            continue
+        barrier.dir(Path(os.fsdecode(src)).parent)
+        barrier.dir(Path(os.fsdecode(job_dir)))
+        results.append(ClaimResult(rel, job_id, "claimed"))
+    if any(r.status == "claimed" for r in results):
+        barrier.dir(proc)
+        barrier.flush()
+    return results
+
+
+@dataclass(frozen=True)
+class Vetted:
+    size: int
+    mtime_ns: int
+    sha256: str | None
+
+
+def vet(path: bytes, *, max_size: int | None, want_hash: bool) -> Vetted:
+    """Check that a claimed entry is a regular file with one link, within the size limit.
+
+    The size limit is checked on `st_size` before a byte is read (a 20 GB sparse
+    file is refused at once). With `want_hash`, the content's SHA-256 is computed
+    from the same open descriptor that was checked.
+
+    Raises:
+        JobError: `symlink`, `not_regular_file`, `hard_link`, `too_large`,
+            `permission` or `io_error`.
+    """
+    try:
+        st = os.lstat(path)
+    except OSError as e:
+        raise _os_error(e, "stat") from e
+    _check_type(st)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise JobError("symlink", "the entry became a symbolic link") from e
+        raise _os_error(e, "open") from e
+    try:
+        fst = os.fstat(fd)
+        _check_type(fst)
+        if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino):
+            raise JobError("not_regular_file", "the entry changed while it was being checked")
+        if fst.st_nlink > 1:
+            raise JobError(
+                "hard_link",
+                f"the file has {fst.st_nlink} hard links: another name shares its content",
+            )
+        if max_size is not None and fst.st_size > max_size:
+            raise JobError(
+                "too_large", f"the file has {fst.st_size} bytes, over max_size_bytes={max_size}"
+            )
+        digest = _sha256_fd(fd) if want_hash else None
+        return Vetted(fst.st_size, fst.st_mtime_ns, digest)
+    finally:
+        os.close(fd)
+
+
+def _check_type(st: os.stat_result) -> None:
+    mode = st.st_mode
+    if stat.S_ISREG(mode):
+        return
+    if stat.S_ISLNK(mode):
+        raise JobError("symlink", "a symbolic link: moved aside, its target never read")
+    kinds = {
+        stat.S_ISDIR: "a directory",
+        stat.S_ISFIFO: "a FIFO (named pipe)",
+        stat.S_ISSOCK: "a socket",
+        stat.S_ISCHR: "a character device",
+        stat.S_ISBLK: "a block device",
+    }
+    what = next((desc for test, desc in kinds.items() if test(mode)), "not a regular file")
+    raise JobError("not_regular_file", f"{what}, not a regular file: never opened")
+
+
+def _sha256_fd(fd: int) -> str:
+    h = hashlib.sha256()
+    while chunk := os.read(fd, _CHUNK):
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def _os_error(e: OSError, what: str) -> JobError:
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return JobError("permission", f"{what}: permission denied", retryable=True)
+    if e.errno == errno.ENXIO:
+        return JobError("not_regular_file", "a socket or device, not a regular file")
+    return JobError("io_error", f"{what}: {e.strerror}", retryable=True)

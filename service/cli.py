@@ -1,0 +1,312 @@
+"""The `filedock` command (`python -m service` is the same).
+
+Exit codes (a contract, CONTRACTS.md): `run --once` 0 when every job ended
+done, 1 when any ended failed, 2 on a configuration error; other commands 0 on
+success, 1 for not found / nothing to do, 2 for a usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+import yaml
+
+from service import __version__
+from service.errors import ConfigError, StartupError
+from service.settings import Settings, load_settings
+
+__all__ = ["main"]
+
+T = TypeVar("T")
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        "-c",
+        metavar="FILE",
+        help="YAML or TOML configuration file (default: $FILEDOCK_CONFIG); "
+        "FILEDOCK_* environment variables override it",
+    )
+    parser = argparse.ArgumentParser(
+        prog="filedock",
+        description="Event-driven file intake: claims each complete file dropped into "
+        "transfer/, imports it, and archives it (or sets it aside in failed/ with the reason).",
+        epilog="Docs: README.md and docs/ in the source tree.",
+    )
+    parser.add_argument("--version", action="version", version=f"filedock {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", parents=[common], help="serve (watch, import, archive)")
+    run.add_argument(
+        "--once",
+        action="store_true",
+        help="drain what is in transfer/ (and due retries), then exit: "
+        "0 all done, 1 any failed, 2 configuration error",
+    )
+    sub.add_parser(
+        "check-config", parents=[common], help="validate and print the effective configuration"
+    )
+    status = sub.add_parser(
+        "status", parents=[common], help="files per folder (count, bytes, oldest); jobs per state"
+    )
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+
+    jobs = sub.add_parser("jobs", parents=[common], help="list jobs from the ledger, newest first")
+    jobs.add_argument(
+        "--state", choices=["claimed", "importing", "waiting", "archiving", "done", "failed"]
+    )
+    jobs.add_argument("--route")
+    jobs.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    jobs.add_argument("--json", action="store_true", help="a JSON array (see docs/contracts.md)")
+
+    show = sub.add_parser("show", parents=[common], help="one job, with its attempts")
+    show.add_argument("job_id", metavar="ID")
+    show.add_argument("--json", action="store_true")
+
+    retry = sub.add_parser(
+        "retry", parents=[common], help="send a failed job back for a new attempt (history kept)"
+    )
+    target = retry.add_mutually_exclusive_group(required=True)
+    target.add_argument("job_id", metavar="ID", nargs="?")
+    target.add_argument("--all-failed", action="store_true", help="every failed job")
+
+    reap = sub.add_parser("reap", parents=[common], help="apply the retention now")
+    reap.add_argument("--dry-run", action="store_true", help="list what would be deleted")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+        if args.command == "check-config":
+            return check_config(settings)
+        from service.logs import setup_logging
+
+        setup_logging(settings.log_level if args.command == "run" else "WARNING")
+        commands: dict[str, Callable[[Settings, argparse.Namespace], Awaitable[int]]] = {
+            "run": cmd_run,
+            "status": cmd_status,
+            "jobs": cmd_jobs,
+            "show": cmd_show,
+            "retry": cmd_retry,
+            "reap": cmd_reap,
+        }
+        return anyio.run(commands[args.command], settings, args)
+    except ConfigError as e:
+        print(f"filedock: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except StartupError as e:
+        print(f"filedock: cannot start: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130
+
+
+def check_config(settings: Settings) -> int:
+    from service.importers import build_importer
+    from service.routes import unreachable_routes
+
+    problems = unreachable_routes(list(settings.routes))
+    for route in settings.routes:
+        try:
+            build_importer(route, limiter=anyio.CapacityLimiter(1))
+        except ConfigError as e:
+            problems.append(f"routes.{route.name}.importer: {e}")
+    if problems:
+        print("filedock: invalid configuration:\n  " + "\n  ".join(problems), file=sys.stderr)
+        return EXIT_CONFIG
+    doc = settings.model_dump(mode="json")
+    doc["ledger_url"] = settings.effective_ledger_url
+    doc["folders"] = {name: str(settings.folder(name)) for name in doc["folders"]}
+    print(yaml.safe_dump(doc, sort_keys=False), end="")
+    return EXIT_OK
+
+
+async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
+    from service.app import App
+    from service.routes import unreachable_routes
+
+    problems = unreachable_routes(list(settings.routes))
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+    return await App(settings, once=args.once).run()
+
+
+async def _with_ledger(settings: Settings, fn: Callable[[Any], Awaitable[T]]) -> T:
+    from service.ledger import ledger_for_url
+
+    url = settings.effective_ledger_url
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+        raise ConfigError(f"no ledger at {url}: has filedock run with this configuration?")
+    ledger = ledger_for_url(url)
+    await ledger.open()
+    try:
+        return await fn(ledger)
+    finally:
+        await ledger.close()
+
+
+async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
+    from service.status import folder_report, waiting_report
+
+    folders = await anyio.to_thread.run_sync(folder_report, settings)
+    waiting = await anyio.to_thread.run_sync(waiting_report, settings)
+    try:
+        counts = await _with_ledger(settings, lambda ledger: ledger.counts())
+    except ConfigError:
+        counts = {}
+    if args.json:
+        _print_json({"folders": folders, "jobs": counts, "waiting_in_transfer": waiting})
+        return EXIT_OK
+    print(f"{'folder':<10} {'files':>9} {'bytes':>14}  oldest")
+    for name, f in folders.items():
+        print(f"{name:<10} {f['files']:>9} {f['bytes']:>14}  {f['oldest'] or '-'}")
+    print("\njobs: " + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"))
+    if waiting:
+        print("\nwaiting in transfer/ (not claimed yet):")
+        for w in waiting:
+            print(f"  {w['path']}: {w['reason']}")
+    return EXIT_OK
+
+
+async def cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
+    records = await _with_ledger(
+        settings,
+        lambda ledger: ledger.query(
+            states=[args.state] if args.state else None, route=args.route, limit=args.limit
+        ),
+    )
+    if args.json:
+        _print_json([r.to_json() for r in records])
+        return EXIT_OK
+    if not records:
+        print("no jobs")
+        return EXIT_FAILED
+    for r in records:
+        j = r.to_json()
+        print(
+            f"{j['id']}  {j['state']:<9} {j['outcome'] or '-':<9} {j['route']:<12} "
+            f"{j['attempts']:>2}  {j['name']}"
+            + (f"  [{j['error_class']}]" if j["error_class"] else "")
+        )
+    return EXIT_OK
+
+
+async def cmd_show(settings: Settings, args: argparse.Namespace) -> int:
+    record = await _with_ledger(settings, lambda ledger: ledger.get(args.job_id))
+    if record is None:
+        print(f"filedock: no job {args.job_id}", file=sys.stderr)
+        return EXIT_FAILED
+    doc = record.to_json()
+    if args.json:
+        _print_json(doc)
+        return EXIT_OK
+    for key, value in doc.items():
+        if key != "history" and value is not None:
+            print(f"{key:>15}: {value}")
+    for h in doc["history"]:
+        print(f"{'attempt':>15}: " + json.dumps(h, ensure_ascii=True))
+    return EXIT_OK
+
+
+async def cmd_retry(settings: Settings, args: argparse.Namespace) -> int:
+    from service.ledger import JobRecord, Ledger
+
+    async def go(ledger: Ledger) -> int:
+        if args.all_failed:
+            targets: list[JobRecord] = await ledger.query(states=["failed"], limit=None)
+        else:
+            one = await ledger.get(args.job_id)
+            if one is None:
+                print(f"filedock: no job {args.job_id}", file=sys.stderr)
+                return EXIT_FAILED
+            targets = [one]
+        sent = 0
+        for job in targets:
+            problem = await retry_job(settings, ledger, job)
+            if problem:
+                print(f"filedock: {job.id}: {problem}", file=sys.stderr)
+            else:
+                sent += 1
+                print(f"{job.id}: queued for a new attempt")
+        return EXIT_OK if sent else EXIT_FAILED
+
+    return await _with_ledger(settings, go)
+
+
+async def retry_job(settings: Settings, ledger: Any, job: Any) -> str | None:
+    """Move a failed job's folder back to proc/ and mark it due; None when done."""
+    from service.archive import read_json
+    from service.fsutil import move_tree
+
+    if job.state != "failed":
+        return f"is {job.state}, not failed: only failed jobs can be retried"
+    failed_dir = settings.folder("failed") / job.id
+    proc_dir = settings.folder("proc") / job.id
+    if not failed_dir.is_dir():
+        return f"{failed_dir} is gone (reaped?): nothing to retry"
+    if job.outcome == "set_aside" and job.error_class in (
+        "symlink",
+        "not_regular_file",
+        "hard_link",
+    ):
+        return f"was set aside as {job.error_class}: it can never be imported"
+    previous = read_json(failed_dir / "error.json") or {}
+    await anyio.to_thread.run_sync(move_tree, failed_dir, proc_dir)
+    (proc_dir / "error.json").unlink(missing_ok=True)
+    now = time.time()
+    history = [
+        *job.history,
+        {
+            "event": "manual_retry",
+            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
+            "previous_failed_at": previous.get("failed_at"),
+            "previous_error_class": job.error_class,
+            "previous_error": (job.error or "")[:500],
+        },
+    ]
+    await ledger.update(
+        job.id,
+        {
+            "state": "waiting",
+            "next_attempt_at": now,
+            "outcome": None,
+            "error_class": None,
+            "error": None,
+            "failed_path": None,
+            "history": history,
+            "updated_at": now,
+            "owner": None,
+            "lease_expires_at": None,
+        },
+    )
+    return None
+
+
+async def cmd_reap(settings: Settings, args: argparse.Namespace) -> int:
+    from service.ledger import Ledger
+    from service.metrics import Metrics
+    from service.reaper import Reaper
+
+    async def go(ledger: Ledger) -> int:
+        report = await Reaper(settings, ledger, Metrics()).reap_once(dry_run=args.dry_run)
+        print(report.render() if hasattr(report, "render") else report)
+        return EXIT_OK
+
+    return await _with_ledger(settings, go)
+
+
+def _print_json(doc: Any) -> None:
+    json.dump(doc, sys.stdout, indent=2, ensure_ascii=True)
+    sys.stdout.write("\n")

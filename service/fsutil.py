@@ -1,0 +1,205 @@
+"""Durable file operations: fsync of files and directories, barriers, safe moves.
+
+The rules (RELIABILITY.md): a file is fsynced before it is renamed into place and
+the directory after; a batch of such operations may share one barrier
+(`syncfs()` of the filesystem) instead of one fsync each, as long as the order
+holds: data durable before the ledger says so, the archive durable before the
+source is removed. Never `shutil.move`: a cross-device move is an explicit copy,
+fsync, rename and unlink, and only where the design allows it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+from service.errors import StartupError
+
+__all__ = [
+    "Barrier",
+    "copy_tree_durable",
+    "fsync_dir",
+    "fsync_path",
+    "move_tree",
+    "probe_same_filesystem",
+    "write_durable",
+]
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+_syncfs = getattr(_libc, "syncfs", None)
+
+
+def fsync_dir(path: Path | bytes) -> None:
+    """Make a directory's entries (creations, renames, removals) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_path(path: Path | bytes) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def syncfs(path: Path | bytes) -> None:
+    """Flush every dirty page and inode of the filesystem holding `path` (one barrier).
+
+    Falls back to `sync()` where the C library has no `syncfs`.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _syncfs is None:
+            os.sync()
+            return
+        if _syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), os.fsdecode(path))
+    finally:
+        os.close(fd)
+
+
+class Barrier:
+    """Collects paths whose writes must be durable, then makes them so in one step.
+
+    With `syncfs` available, one call per filesystem covers every file and
+    directory in the batch (ext4 commits them in one journal transaction);
+    otherwise each file and directory is fsynced on its own.
+    """
+
+    def __init__(self, *, use_syncfs: bool = True) -> None:
+        self._files: list[Path] = []
+        self._dirs: set[Path] = set()
+        self._use_syncfs = use_syncfs and _syncfs is not None
+
+    def file(self, path: Path) -> None:
+        self._files.append(path)
+
+    def dir(self, path: Path) -> None:
+        self._dirs.add(path)
+
+    def flush(self) -> None:
+        if not self._files and not self._dirs:
+            return
+        if self._use_syncfs:
+            seen: set[int] = set()
+            for d in self._dirs | {f.parent for f in self._files}:
+                dev = os.stat(d).st_dev
+                if dev not in seen:
+                    seen.add(dev)
+                    syncfs(d)
+        else:
+            for f in self._files:
+                fsync_path(f)
+            for d in self._dirs:
+                fsync_dir(d)
+        self._files.clear()
+        self._dirs.clear()
+
+
+def write_durable(path: Path, data: bytes) -> None:
+    """Write a small file atomically: temp name, fsync, rename, fsync the directory."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+    fsync_dir(path.parent)
+
+
+def copy_tree_durable(src: Path, dst: Path) -> None:
+    """Copy a job folder to another filesystem: every file fsynced, then the folders.
+
+    Symlinks are copied as links (never followed); other special files are skipped
+    with nothing read from them.
+    """
+    os.mkdir(dst)
+    for entry in os.scandir(src):
+        s, d = Path(entry.path), dst / entry.name
+        if entry.is_symlink():
+            os.symlink(os.readlink(s), d)
+        elif entry.is_dir(follow_symlinks=False):
+            copy_tree_durable(s, d)
+        elif entry.is_file(follow_symlinks=False):
+            shutil.copyfile(s, d, follow_symlinks=False)
+            fsync_path(d)
+    fsync_dir(dst)
+
+
+def move_tree(src: Path, dst: Path) -> None:
+    """Move a job folder: one rename, or (across filesystems) copy, fsync, rename, remove.
+
+    "Source gone, target present" after a failed rename counts as success
+    (an NFS retransmission can report an error for a rename that happened).
+    """
+    try:
+        os.rename(src, dst)
+    except OSError as e:
+        if e.errno == errno.ENOENT and dst.exists() and not src.exists():
+            return
+        if e.errno != errno.EXDEV:
+            raise
+        tmp = dst.with_name(dst.name + ".tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        copy_tree_durable(src, tmp)
+        os.rename(tmp, dst)
+        fsync_dir(dst.parent)
+        shutil.rmtree(src)
+    fsync_dir(dst.parent)
+    fsync_dir(src.parent)
+
+
+def probe_same_filesystem(a: Path, b: Path) -> None:
+    """Refuse to start unless a rename from `a` to `b` works (the claim is one rename).
+
+    Two mounts of one volume (a Kubernetes `subPath` per folder) look alike but
+    make `rename` fail with EXDEV, so the probe renames for real.
+    """
+    probe = a / f".filedock-probe-{os.getpid()}"
+    target = b / probe.name
+    probe.write_bytes(b"")
+    try:
+        os.rename(probe, target)
+    except OSError as e:
+        probe.unlink(missing_ok=True)
+        if e.errno == errno.EXDEV:
+            raise StartupError(
+                f"{a} and {b} are on different filesystems (rename fails with EXDEV): "
+                "claiming a file must be one rename. Mount one volume and put the "
+                "folders inside it (no subPath per folder)."
+            ) from e
+        raise StartupError(f"cannot rename from {a} to {b}: {e.strerror}") from e
+    target.unlink()
+
+
+def free_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def tree_entries(root: Path) -> Iterable[os.DirEntry[str]]:
+    """Every entry below `root`, depth first, without following symlinks."""
+    stack = [root]
+    while stack:
+        try:
+            it = os.scandir(stack.pop())
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        with it:
+            for entry in it:
+                yield entry
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(Path(entry.path))

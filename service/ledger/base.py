@@ -1,0 +1,177 @@
+"""The ledger's contract: the job record and the operations every backend provides.
+
+The filesystem is the truth and the ledger the index: a row says where a job's
+file is and what happened to it. All SQL lives in the backend modules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal, Protocol
+
+from service.names import display_name, name_b64, rfc3339
+
+__all__ = [
+    "COLUMNS",
+    "FINAL_STATES",
+    "STATES",
+    "JobRecord",
+    "Ledger",
+    "Outcome",
+    "State",
+]
+
+State = Literal["claimed", "importing", "waiting", "archiving", "done", "failed"]
+Outcome = Literal["imported", "partial", "duplicate", "rejected", "exhausted", "set_aside"]
+STATES: Final[tuple[State, ...]] = (
+    "claimed",
+    "importing",
+    "waiting",
+    "archiving",
+    "done",
+    "failed",
+)
+FINAL_STATES: Final = frozenset({"done", "failed"})
+SCHEMA_VERSION: Final = 1
+
+
+@dataclass
+class JobRecord:
+    """One job: a file claimed out of `transfer/` and everything that happened to it.
+
+    `name` and `relative_path` are the exact bytes of the upstream's name.
+    Times are Unix seconds. `history` is the list of attempts, each a dict with
+    `n`, `started_at`, `ended_at`, `result` and an optional `detail`.
+    """
+
+    id: str
+    route: str
+    name: bytes
+    relative_path: bytes
+    state: State = "claimed"
+    outcome: Outcome | None = None
+    attempts: int = 0
+    size: int | None = None
+    mtime_ns: int | None = None
+    sha256: str | None = None
+    next_attempt_at: float | None = None
+    error_class: str | None = None
+    error: str | None = None
+    detected_at: float = 0.0
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    archive_path: str | None = None
+    failed_path: str | None = None
+    duplicate_of: str | None = None
+    owner: str | None = None
+    lease_expires_at: float | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        """The contract's JSON form (CONTRACTS.md): names escaped, times RFC 3339 UTC."""
+        return {
+            "id": self.id,
+            "route": self.route,
+            "name": display_name(self.name),
+            "name_b64": name_b64(self.name),
+            "relative_path": display_name(self.relative_path),
+            "state": self.state,
+            "outcome": self.outcome,
+            "attempts": self.attempts,
+            "size": self.size,
+            "sha256": self.sha256,
+            "error_class": self.error_class,
+            "error": self.error,
+            "next_attempt_at": rfc3339(self.next_attempt_at),
+            "created_at": rfc3339(self.created_at),
+            "updated_at": rfc3339(self.updated_at),
+            "archive_path": self.archive_path,
+            "failed_path": self.failed_path,
+            "duplicate_of": self.duplicate_of,
+            "owner": self.owner,
+            "history": self.history,
+        }
+
+
+COLUMNS: Final = tuple(f.name for f in dataclasses.fields(JobRecord))
+UPDATABLE: Final = frozenset(COLUMNS) - {"id"}
+
+
+def encode_history(history: list[dict[str, Any]]) -> str:
+    return json.dumps(history, separators=(",", ":"))
+
+
+def decode_history(raw: str | None) -> list[dict[str, Any]]:
+    return list(json.loads(raw)) if raw else []
+
+
+def check_fields(fields: Mapping[str, Any]) -> None:
+    if not fields:
+        raise ValueError("no ledger columns to update")
+    unknown = set(fields) - UPDATABLE
+    if unknown:
+        raise ValueError(f"not ledger columns: {sorted(unknown)}")
+
+
+class Ledger(Protocol):
+    """The operations the pipeline, recovery and the CLI need; one backend per URL scheme.
+
+    Every write is durable when its coroutine returns.
+    """
+
+    url: str
+
+    async def open(self) -> None:
+        """Connect and create or migrate the schema."""
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> None:
+        """Raise when the ledger cannot answer (for `/readyz`)."""
+
+    async def insert(self, records: Sequence[JobRecord]) -> None: ...
+
+    async def update(
+        self, job_id: str, fields: Mapping[str, Any], *, expect_state: str | None = None
+    ) -> bool:
+        """Set columns of one job; with `expect_state`, only if the job is in that state.
+
+        Returns whether a row was changed.
+        """
+
+    async def delete(self, job_ids: Sequence[str]) -> None: ...
+
+    async def get(self, job_id: str) -> JobRecord | None: ...
+
+    async def query(
+        self,
+        *,
+        states: Sequence[str] | None = None,
+        route: str | None = None,
+        limit: int | None = 100,
+        oldest_first: bool = False,
+    ) -> list[JobRecord]: ...
+
+    async def counts(self) -> dict[str, int]:
+        """Jobs per state."""
+
+    async def take_due(self, now: float, limit: int, owner: str, lease_s: float) -> list[JobRecord]:
+        """Waiting jobs whose retry is due, now owned by `owner` (claimed state).
+
+        Several replicas may call this at once: each due job goes to exactly one.
+        """
+
+    async def take_orphans(self, now: float, owner: str, lease_s: float) -> list[JobRecord]:
+        """Unfinished jobs of this owner, or whose lease has expired, now owned by `owner`."""
+
+    async def renew_leases(self, owner: str, until: float) -> None:
+        """Extend the lease of every unfinished job `owner` holds."""
+
+    async def find_done_by_sha256(self, route: str, sha256: str, since: float) -> str | None:
+        """The id of a done job of `route` with this content, created after `since`."""
+
+    async def older_than(self, states: Sequence[str], before: float, limit: int) -> list[JobRecord]:
+        """Final jobs last updated before `before` (for the reaper), oldest first."""

@@ -1,0 +1,197 @@
+"""Every Prometheus metric filedock exports, in one place.
+
+Names are a contract (dashboards and alerts are built on them). No file name,
+path or job id is ever a label: label values are route names, outcomes, error
+classes, folder names and fixed words.
+"""
+
+from __future__ import annotations
+
+import platform
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from service import __version__
+
+__all__ = ["Metrics"]
+
+# 5 ms to 1 h: the import of a tiny file and the slowest allowed import both resolve.
+LATENCY_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
+)  # fmt: skip
+
+
+class Metrics:
+    """The metric objects of one service instance, on their own registry.
+
+    A registry per instance keeps tests that run several services in one
+    process apart, and keeps prometheus-client's process collectors explicit.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        from prometheus_client import GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR
+
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        if registry is None:
+            for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+                self.registry.register(collector)
+        r = self.registry
+        p = "filedock_"
+
+        self.build_info = Info(p + "build", "Version of filedock and of Python.", registry=r)
+        self.build_info.info({"version": __version__, "python": platform.python_version()})
+
+        # Intake.
+        self.files_detected = Counter(
+            p + "files_detected_total", "Files found ready in transfer/.", ["route"], registry=r
+        )
+        self.unrouted_files = Gauge(
+            p + "unrouted_files", "Files in transfer/ that match no route.", registry=r
+        )
+        self.stalled_uploads = Gauge(
+            p + "stalled_uploads",
+            "Temporary or unready files that stopped growing for stalled_after_s.",
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            p + "queue_depth", "Ready files queued in memory for a claim.", registry=r
+        )
+        self.backlog_files = Gauge(
+            p + "backlog_files", "Files waiting in each folder.", ["folder"], registry=r
+        )
+        self.backlog_bytes = Gauge(
+            p + "backlog_bytes", "Bytes waiting in each folder.", ["folder"], registry=r
+        )
+        self.oldest_waiting_age = Gauge(
+            p + "oldest_waiting_file_age_seconds",
+            "Age of the oldest file waiting in transfer/ or proc/ (0 when none).",
+            registry=r,
+        )
+
+        # Jobs.
+        self.jobs = Counter(
+            p + "jobs_total",
+            "Jobs ended, by outcome (imported, partial, duplicate, rejected, exhausted,"
+            " set_aside).",
+            ["route", "outcome"],
+            registry=r,
+        )
+        self.job_failures = Counter(
+            p + "job_failures_total",
+            "Jobs sent to failed/, by error class.",
+            ["route", "error_class"],
+            registry=r,
+        )
+        self.retries = Counter(
+            p + "retries_total", "Import attempts that will be retried.", ["route"], registry=r
+        )
+        self.bytes = Counter(
+            p + "bytes_total", "Bytes of source files archived.", ["route"], registry=r
+        )
+        self.rows = Counter(
+            p + "rows_total",
+            "CSV rows handled by csv-sql importers, by result (imported, failed).",
+            ["route", "result"],
+            registry=r,
+        )
+        self.in_progress = Gauge(
+            p + "jobs_in_progress", "Imports running now.", ["route"], registry=r
+        )
+        self.concurrency_limit = Gauge(
+            p + "concurrency_limit",
+            'Most imports allowed at once (route="" is the global limit).',
+            ["route"],
+            registry=r,
+        )
+        self.last_success = Gauge(
+            p + "last_success_timestamp_seconds",
+            "When a job of the route last ended done (Unix time).",
+            ["route"],
+            registry=r,
+        )
+        self.import_duration = Histogram(
+            p + "import_duration_seconds",
+            "Time one import attempt took.",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            p + "queue_wait_seconds",
+            "Time from detection to the start of the first import attempt.",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.end_to_end = Histogram(
+            p + "end_to_end_seconds",
+            "Time from detection to the job's end (archived or failed).",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+
+        # The service itself.
+        self.watcher_mode = Gauge(
+            p + "watcher_mode",
+            "1 for the discovery mode in use (events, poll, scan).",
+            ["mode"],
+            registry=r,
+        )
+        self.watcher_restarts = Counter(
+            p + "watcher_restarts_total", "Times the file watcher died and restarted.", registry=r
+        )
+        self.watcher_missed = Counter(
+            p + "watcher_missed_files_total",
+            "Files found by a reconciliation scan that the watcher never reported.",
+            registry=r,
+        )
+        self.scan_duration = Histogram(
+            p + "scan_duration_seconds",
+            "Time one full scan of transfer/ took.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.recovery_actions = Counter(
+            p + "recovery_actions_total",
+            "What start-up recovery did or found, by kind.",
+            ["kind"],
+            registry=r,
+        )
+        self.filesystem_free = Gauge(
+            p + "filesystem_free_bytes",
+            "Free bytes on the filesystem of each folder.",
+            ["folder"],
+            registry=r,
+        )
+        self.ready = Gauge(
+            p + "ready", "1 when the service is ready (the /readyz answer).", registry=r
+        )
+        self.archive_retries = Counter(
+            p + "archive_retries_total",
+            "Archive writes that failed (disk full, I/O error) and will be tried again.",
+            registry=r,
+        )
+        self.ledger_errors = Counter(
+            p + "ledger_errors_total", "Ledger operations that failed.", registry=r
+        )
+        self.reaped = Counter(
+            p + "reaped_total",
+            "What the retention reaper deleted, by kind (archive, failed, ledger).",
+            ["kind"],
+            registry=r,
+        )
+
+    def declare_route(self, route: str, concurrency: int) -> None:
+        """Create a route's series at zero, so rates and alerts see it before its first file."""
+        self.files_detected.labels(route)
+        self.retries.labels(route)
+        self.bytes.labels(route)
+        self.in_progress.labels(route)
+        self.concurrency_limit.labels(route).set(concurrency)
+        self.import_duration.labels(route)
+        self.queue_wait.labels(route)
+        self.end_to_end.labels(route)
+        for outcome in ("imported", "partial", "duplicate", "rejected", "exhausted", "set_aside"):
+            self.jobs.labels(route, outcome)

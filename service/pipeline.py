@@ -1,0 +1,742 @@
+"""The job pipeline: claim, import with retries, archive or set aside.
+
+Stages, each a task in the app's task group, joined by bounded streams:
+
+    intake (per route) ─► claimer ─► jobs (per route) ─► workers ─► archiver
+                                            ▲                 │
+                         retry scheduler ───┘   (waiting) ◄───┘
+
+Claims and archives are done in batches (up to `batch_max_files`, or what
+arrives within `batch_max_delay_ms`) so that a batch shares one durability
+barrier and one ledger commit; a lone file is not held back waiting for company.
+Imports run under the route's limiter inside the global one. Ledger writes and
+file moves are shielded from cancellation: a shutdown never leaves a
+half-written transition.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from service import archive as arch
+from service.claim import claim_batch, stored_name, vet
+from service.crash import crash_point
+from service.errors import JobError, Reject, Retry
+from service.fsutil import Barrier
+from service.importers import Importer, ImportJob, Result, build_importer
+from service.ledger import JobRecord, Ledger
+from service.logs import job_fields
+from service.metrics import Metrics
+from service.names import new_job_id
+from service.settings import CommandImporterSettings, Route, Settings
+from service.watcher import Candidate, Intake
+
+__all__ = ["Pipeline"]
+
+log = logging.getLogger("filedock.pipeline")
+T = TypeVar("T")
+_ARCHIVE_RETRY_S = (1.0, 5.0, 15.0, 60.0)
+
+
+@dataclass
+class _Lane:
+    """A route at run time: its importer, limiter and queue of claimed jobs."""
+
+    route: Route
+    importer: Importer
+    limiter: anyio.CapacityLimiter
+    send: MemoryObjectSendStream[JobRecord]
+    receive: MemoryObjectReceiveStream[JobRecord]
+
+
+@dataclass
+class _ToArchive:
+    job: JobRecord
+    outcome: str
+    result: Result | None
+    done: anyio.Event = field(default_factory=anyio.Event)
+    tries: int = 0
+
+
+@dataclass
+class Tally:
+    """What this process did, for `run --once`'s exit code and the shutdown summary."""
+
+    done: int = 0
+    failed: int = 0
+    retried: int = 0
+    by_outcome: dict[str, int] = field(default_factory=dict)
+
+    def count(self, outcome: str, *, failed: bool) -> None:
+        self.by_outcome[outcome] = self.by_outcome.get(outcome, 0) + 1
+        if failed:
+            self.failed += 1
+        else:
+            self.done += 1
+
+
+async def shielded(coro: Awaitable[T]) -> T:
+    """Await bookkeeping that must finish even when the caller is being cancelled."""
+    with anyio.CancelScope(shield=True):
+        return await coro
+    raise AssertionError("unreachable")  # mypy: a shielded scope never swallows the return
+
+
+class Pipeline:
+    def __init__(
+        self,
+        settings: Settings,
+        ledger: Ledger,
+        metrics: Metrics,
+        intake: Intake,
+    ) -> None:
+        self.settings = settings
+        self.ledger = ledger
+        self.metrics = metrics
+        self.intake = intake
+        self.transfer = settings.folder("transfer")
+        self.proc = settings.folder("proc")
+        self.archive_root = settings.folder("archive")
+        self.failed_root = settings.folder("failed")
+        self.temp = settings.folder("temp")
+        self.global_limiter = anyio.CapacityLimiter(settings.max_concurrency)
+        # Blocking importer code runs in threads of its own limiter: anyio's default
+        # one is shared with the watcher, which a busy import pool must not starve.
+        self.import_threads = anyio.CapacityLimiter(settings.max_concurrency)
+        self.fs_threads = anyio.CapacityLimiter(4)
+        self.lanes: dict[str, _Lane] = {}
+        for route in settings.routes:
+            send, receive = anyio.create_memory_object_stream[JobRecord](route.concurrency)
+            self.lanes[route.name] = _Lane(
+                route,
+                build_importer(route, limiter=self.import_threads),
+                anyio.CapacityLimiter(route.concurrency),
+                send,
+                receive,
+            )
+            metrics.declare_route(route.name, route.concurrency)
+        metrics.concurrency_limit.labels("").set(settings.max_concurrency)
+        self._archive_send, self._archive_receive = anyio.create_memory_object_stream[_ToArchive](
+            settings.queue_size
+        )
+        self.active: dict[str, JobRecord] = {}
+        self.tally = Tally()
+        self.draining = False  # shutting down: start no new import
+        self._changed = anyio.Event()
+
+    # -- running -------------------------------------------------------------------
+
+    async def run_stages(self, tg: anyio.abc.TaskGroup) -> None:
+        """Start the claimers, the workers and the archiver in `tg`."""
+        for lane in self.lanes.values():
+            tg.start_soon(self._claimer, lane, name=f"claimer:{lane.route.name}")
+            for i in range(lane.route.concurrency):
+                tg.start_soon(self._worker, lane, name=f"worker:{lane.route.name}:{i}")
+        tg.start_soon(self._archiver, name="archiver")
+
+    async def run_retry_scheduler(self, *, interval_s: float = 1.0) -> None:
+        while True:
+            await self.dispatch_due()
+            await anyio.sleep(interval_s)
+
+    async def dispatch_due(self) -> int:
+        """Hand every due retry to its route's workers; returns how many."""
+        due = await shielded(
+            self.ledger.take_due(time.time(), 256, self.settings.replica_id, self.settings.lease_s)
+        )
+        for job in due:
+            await self.resume(job)
+        return len(due)
+
+    async def run_heartbeat(self) -> None:
+        """Renew the leases of this replica's jobs, so no other replica takes them over."""
+        period = self.settings.lease_s / 3
+        while True:
+            await anyio.sleep(period)
+            try:
+                await shielded(
+                    self.ledger.renew_leases(
+                        self.settings.replica_id, time.time() + self.settings.lease_s
+                    )
+                )
+            except Exception as e:
+                self.metrics.ledger_errors.inc()
+                log.error("could not renew job leases", extra={"error": repr(e)[:300]})
+
+    async def resume(self, job: JobRecord) -> None:
+        """Put a job taken from the ledger (a due retry, or recovered) back to work."""
+        if job.id in self.active:
+            return
+        lane = self.lanes.get(job.route)
+        if lane is None:
+            await self._fail(
+                job, JobError("unrouted", f"route {job.route!r} is no longer configured")
+            )
+            return
+        self._hold(job)
+        if job.state == "archiving":
+            await self._archive_send.send(_ToArchive(job, job.outcome or "imported", None))
+        else:
+            await lane.send.send(job)
+
+    def _hold(self, job: JobRecord) -> None:
+        self.active[job.id] = job
+
+    def _release(self, job: JobRecord) -> None:
+        self.active.pop(job.id, None)
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def wait_idle(self, *, include_intake: bool = True) -> None:
+        """Return when nothing is in flight (and, by default, nothing is queued either)."""
+        while self.active or (include_intake and self.intake.pending()):
+            await self._changed.wait()
+
+    # -- claim ---------------------------------------------------------------------
+
+    async def _claimer(self, lane: _Lane) -> None:
+        receive = self.intake.receive[lane.route.name]
+        async with receive:
+            while True:
+                try:
+                    first = await receive.receive()
+                except anyio.EndOfStream:
+                    return
+                batch = [first]
+                with anyio.move_on_after(self.settings.batch_max_delay_ms / 1000):
+                    while len(batch) < self.settings.batch_max_files:
+                        try:
+                            batch.append(await receive.receive())
+                        except anyio.EndOfStream:
+                            break
+                claimed = await shielded(self._claim(lane.route, batch))
+                for job in claimed:
+                    await lane.send.send(job)
+
+    async def _claim(self, route: Route, batch: list[Candidate]) -> list[JobRecord]:
+        now = time.time()
+        records = [
+            JobRecord(
+                id=new_job_id(now),
+                route=route.name,
+                name=c.rel.rsplit(b"/", 1)[-1],
+                relative_path=c.rel,
+                state="claimed",
+                detected_at=c.detected_at,
+                created_at=now,
+                updated_at=now,
+                owner=self.settings.replica_id,
+                lease_expires_at=now + self.settings.lease_s,
+            )
+            for c in batch
+        ]
+        # The row first: a crash after the rename then always finds its job's row.
+        try:
+            await self.ledger.insert(records)
+        except Exception as e:
+            self.metrics.ledger_errors.inc()
+            log.error("ledger unavailable; files stay in transfer/", extra={"error": repr(e)[:300]})
+            for c in batch:
+                self.intake.release(c.rel)
+            await anyio.sleep(1.0)
+            return []
+        results = await anyio.to_thread.run_sync(
+            claim_batch,
+            self.transfer,
+            self.proc,
+            [(r.relative_path, r.id) for r in records],
+            limiter=self.fs_threads,
+        )
+        for c in batch:
+            self.intake.release(c.rel)
+        claimed, lost = [], []
+        for record, result in zip(records, results, strict=True):
+            if result.status == "claimed":
+                claimed.append(record)
+                self._hold(record)
+                crash_point("after_claim")
+                log.info(
+                    "claimed",
+                    extra=job_fields(
+                        record.id, route=route.name, name=record.name, state="claimed"
+                    ),
+                )
+            else:
+                lost.append(record.id)
+                if result.status == "error":
+                    log.error(
+                        "cannot claim; left in transfer/",
+                        extra=job_fields(
+                            route=route.name, name=record.relative_path, error=result.error
+                        ),
+                    )
+        if lost:
+            await self.ledger.delete(lost)
+        return claimed
+
+    # -- import --------------------------------------------------------------------
+
+    async def _worker(self, lane: _Lane) -> None:
+        async with lane.receive:
+            async for job in lane.receive:
+                if self.draining:
+                    self._release(job)  # stays claimed in proc/; the next start resumes it
+                    continue
+                async with lane.limiter, self.global_limiter:
+                    await self._process(lane, job)
+
+    def job_dir(self, job: JobRecord) -> Path:
+        return self.proc / job.id
+
+    async def _process(self, lane: _Lane, job: JobRecord) -> None:
+        route = lane.route
+        try:
+            await self._vet(route, job)
+        except JobError as e:
+            if e.retryable and self._attempts_left(route, job):
+                await self._wait_retry(route, job, e, e.message)
+            else:
+                await self._fail(job, e, outcome="set_aside" if not e.retryable else "exhausted")
+            return
+        if route.duplicates == "skip" and job.sha256 is not None and not job.duplicate_of:
+            since = time.time() - route.dedup_window_days * 86400
+            original = await self.ledger.find_done_by_sha256(route.name, job.sha256, since)
+            if original is not None and original != job.id:
+                job.duplicate_of = original
+                await self._to_archive(route, job, "duplicate", None)
+                return
+        if not self._attempts_left(route, job):
+            # Its attempts were counted before imports that never finished (the
+            # service died each time): a poison file ends here, not in a loop.
+            await self._fail(
+                job,
+                JobError("exhausted", f"{route.max_attempts} attempts used up: {job.error}"),
+                outcome="exhausted",
+            )
+            return
+        await self._attempt(lane, job)
+
+    async def _vet(self, route: Route, job: JobRecord) -> None:
+        path = os.fsencode(self.job_dir(job)) + b"/" + stored_name(job.name)
+        vetted = await anyio.to_thread.run_sync(
+            lambda: vet(path, max_size=route.max_size_bytes, want_hash=job.sha256 is None),
+            limiter=self.fs_threads,
+        )
+        if job.sha256 is None:
+            job.size, job.mtime_ns, job.sha256 = vetted.size, vetted.mtime_ns, vetted.sha256
+        elif (vetted.size, vetted.mtime_ns) != (job.size, job.mtime_ns):
+            raise JobError("modified_during_processing", "the file changed after it was claimed")
+        crash_point("after_vet")
+
+    def _attempts_left(self, route: Route, job: JobRecord) -> bool:
+        since_manual = 0
+        for entry in reversed(job.history):
+            if entry.get("event") == "manual_retry":
+                break
+            if "n" in entry:
+                since_manual += 1
+        return since_manual < route.max_attempts
+
+    async def _attempt(self, lane: _Lane, job: JobRecord) -> None:
+        route = lane.route
+        now = time.time()
+        n = job.attempts + 1
+        if n == 1 or not any("n" in h for h in job.history):
+            self.metrics.queue_wait.labels(route.name).observe(max(0.0, now - job.detected_at))
+        job.attempts, job.state = n, "importing"
+        job.history.append({"n": n, "started_at": _ts(now), "result": "running"})
+        await shielded(self._save(job, "attempts", "size", "mtime_ns", "sha256", "history"))
+        out_dir, temp_dir = self.job_dir(job) / "out", self.temp / job.id
+        out_dir.mkdir(exist_ok=True)
+        temp_dir.mkdir(parents=True, exist_ok=True)
+        import_job = ImportJob(
+            id=job.id,
+            route=route.name,
+            path=Path(os.fsdecode(os.fsencode(self.job_dir(job)) + b"/" + stored_name(job.name))),
+            name=job.name,
+            relative_path=job.relative_path,
+            out_dir=out_dir,
+            temp_dir=temp_dir,
+            attempt=n,
+            size=job.size or 0,
+            sha256=job.sha256 or "",
+        )
+        gauge = self.metrics.in_progress.labels(route.name)
+        gauge.inc()
+        crash_point("before_import")
+        started = time.monotonic()
+        error: BaseException | None = None
+        result: Result | None = None
+        try:
+            with anyio.fail_after(_timeout(route)):
+                result = await lane.importer(import_job)
+        except (Retry, Reject, JobError, TimeoutError) as e:
+            error = e
+        except Exception as e:
+            error = e
+            log.warning(
+                "importer raised",
+                extra=job_fields(job.id, route=route.name, name=job.name, error=repr(e)[:500]),
+                exc_info=True,
+            )
+        finally:
+            gauge.dec()
+            elapsed = time.monotonic() - started
+            self.metrics.import_duration.labels(route.name).observe(elapsed)
+            await anyio.to_thread.run_sync(
+                lambda: shutil.rmtree(temp_dir, ignore_errors=True), limiter=self.fs_threads
+            )
+        crash_point("after_import")
+        job.history[-1]["ended_at"] = _ts(time.time())
+        job.history[-1]["elapsed_s"] = round(elapsed, 4)
+        if error is None and result is not None:
+            job.history[-1]["result"] = "ok"
+            await self._to_archive(route, job, result.outcome, result)
+            return
+        await self._import_failed(route, job, error)
+
+    async def _import_failed(
+        self, route: Route, job: JobRecord, error: BaseException | None
+    ) -> None:
+        log_bytes = getattr(error, "log", None)
+        if log_bytes:
+            job.history[-1]["log_tail"] = log_bytes[-2000:].decode("utf-8", "backslashreplace")
+        if isinstance(error, Reject):
+            job.history[-1]["result"] = "rejected"
+            await self._fail(job, JobError("rejected", error.reason), outcome="rejected")
+            return
+        if isinstance(error, JobError) and not error.retryable:
+            job.history[-1]["result"] = error.error_class
+            await self._fail(job, error, outcome="set_aside")
+            return
+        if isinstance(error, TimeoutError):
+            error_class, message = "timeout", f"no result within {_timeout(route):g}s"
+        elif isinstance(error, JobError):
+            error_class, message = error.error_class, error.message
+        elif isinstance(error, Retry):
+            error_class, message = "retry", error.reason
+        else:
+            error_class, message = "import_error", repr(error)[:2000]
+        job.history[-1]["result"] = error_class
+        if self._attempts_left(route, job):
+            defer = error.defer_s if isinstance(error, Retry) else None
+            await self._wait_retry(route, job, error_class, message, defer_s=defer)
+            return
+        await self._fail(
+            job,
+            JobError("exhausted", f"{route.max_attempts} attempts used up; last: {message}"),
+            outcome="exhausted",
+        )
+
+    async def _wait_retry(
+        self,
+        route: Route,
+        job: JobRecord,
+        error: JobError | str,
+        message: str,
+        *,
+        defer_s: float | None = None,
+    ) -> None:
+        error_class = error.error_class if isinstance(error, JobError) else error
+        delay = defer_s if defer_s is not None else backoff(route, job.attempts)
+        job.state = "waiting"
+        job.next_attempt_at = time.time() + delay
+        job.error_class, job.error = error_class, message[:4000]
+        await shielded(self._save(job, "next_attempt_at", "error_class", "error", "history"))
+        self.metrics.retries.labels(route.name).inc()
+        self.tally.retried += 1
+        log.info(
+            "import will be retried",
+            extra=job_fields(
+                job.id,
+                route=route.name,
+                name=job.name,
+                state="waiting",
+                error_class=error_class,
+                retry_in_s=round(delay, 3),
+                attempt=job.attempts,
+            ),
+        )
+        self._release(job)
+
+    async def _save(self, job: JobRecord, *columns: str) -> None:
+        job.updated_at = time.time()
+        fields: dict[str, Any] = {c: getattr(job, c) for c in columns}
+        fields.update(state=job.state, updated_at=job.updated_at)
+        await self.ledger.update(job.id, fields)
+
+    # -- archive -------------------------------------------------------------------
+
+    async def _to_archive(
+        self, route: Route, job: JobRecord, outcome: str, result: Result | None
+    ) -> None:
+        job.state = "archiving"
+        job.outcome = outcome  # type: ignore[assignment]
+        job.archive_path = str(arch.archive_dir_for(self.archive_root, job.id, time.time()))
+        await shielded(
+            self._save(
+                job,
+                "outcome",
+                "archive_path",
+                "duplicate_of",
+                "history",
+                "sha256",
+                "size",
+                "mtime_ns",
+            )
+        )
+        item = _ToArchive(job, outcome, result)
+        await self._archive_send.send(item)
+        if route.order != "none":
+            await item.done.wait()  # the next file of an ordered lane waits for this one
+
+    async def _archiver(self) -> None:
+        async with self._archive_receive:
+            while True:
+                try:
+                    first = await self._archive_receive.receive()
+                except anyio.EndOfStream:
+                    return
+                batch = [first]
+                with anyio.move_on_after(self.settings.batch_max_delay_ms / 1000):
+                    while len(batch) < self.settings.batch_max_files:
+                        try:
+                            batch.append(await self._archive_receive.receive())
+                        except anyio.EndOfStream:
+                            break
+                await shielded(self._archive_batch(batch))
+
+    async def _archive_batch(self, batch: list[_ToArchive]) -> None:
+        errors = await anyio.to_thread.run_sync(
+            self._write_archives, batch, limiter=self.fs_threads
+        )
+        published = [item for item, err in zip(batch, errors, strict=True) if err is None]
+        now = time.time()
+        async with anyio.create_task_group() as tg:
+            for item in published:
+                item.job.state = "done"
+                tg.start_soon(self._save, item.job, "outcome", "archive_path", "failed_path")
+        crash_point("after_ledger_done")
+        await anyio.to_thread.run_sync(
+            self._remove_sources, [i.job for i in published], limiter=self.fs_threads
+        )
+        for item in published:
+            self._finished(item, now)
+        for item, err in zip(batch, errors, strict=True):
+            if err is not None:
+                await self._archive_failed(item, err)
+
+    def _remove_sources(self, jobs: list[JobRecord]) -> None:
+        for job in jobs:
+            shutil.rmtree(self.job_dir(job), ignore_errors=True)
+
+    def _write_archives(self, batch: list[_ToArchive]) -> list[BaseException | None]:
+        """Blocking: build each `<id>.tmp/`, one barrier, publish all, one barrier."""
+        barrier = Barrier()
+        errors: list[BaseException | None] = []
+        for item in batch:
+            job = item.job
+            try:
+                pending = item.result.pending if item.result else None
+                arch.build_archive(
+                    job,
+                    proc_dir=self.job_dir(job),
+                    final_dir=Path(job.archive_path or ""),
+                    outcome=item.outcome,
+                    importer=item.result.detail if item.result else {},
+                    log=item.result.log if item.result else None,
+                    skip_outputs={pending.name} if pending else set(),
+                    barrier=barrier,
+                )
+                crash_point("mid_archive")
+                errors.append(None)
+            except Exception as e:
+                errors.append(e)
+        barrier.flush()
+        for item, err in zip(batch, errors, strict=True):
+            if err is not None:
+                continue
+            final = Path(item.job.archive_path or "")
+            arch.publish_archive(final)
+            barrier.dir(final.parent)
+            crash_point("after_archive_rename")
+            if item.result is not None and item.result.pending is not None:
+                self._write_pending(item)
+        barrier.flush()
+        return errors
+
+    def _write_pending(self, item: _ToArchive) -> None:
+        job, result = item.job, item.result
+        assert result is not None and result.pending is not None
+        failed_dir = self.failed_root / job.id
+        if failed_dir.exists() or not result.pending.exists():
+            return
+        doc = arch.error_document(
+            job,
+            error_class="rejected",
+            message=result.message or "some records failed; fix them and drop this file again",
+            outcome="partial",
+            failed_at=time.time(),
+        )
+        arch.set_aside_pending(result.pending, failed_dir, doc)
+        job.failed_path = str(failed_dir)
+
+    async def _archive_failed(self, item: _ToArchive, err: BaseException) -> None:
+        job = item.job
+        if isinstance(err, JobError) and not err.retryable:
+            await self._fail(job, err, outcome="set_aside")
+            self._signal(item)
+            return
+        # The archive side failed (disk full, I/O error): the import stands; keep the
+        # source in proc/ and try the archive again later, without a new import.
+        item.tries += 1
+        delay = _ARCHIVE_RETRY_S[min(item.tries, len(_ARCHIVE_RETRY_S)) - 1]
+        self.metrics.archive_retries.inc()
+        log.error(
+            "cannot archive yet; will try again",
+            extra=job_fields(
+                job.id,
+                route=job.route,
+                name=job.name,
+                state="archiving",
+                error=repr(err)[:500],
+                retry_in_s=delay,
+            ),
+        )
+        await anyio.sleep(delay)
+        await self._archive_send.send(item)
+
+    def _finished(self, item: _ToArchive, now: float) -> None:
+        job = item.job
+        m = self.metrics
+        m.jobs.labels(job.route, item.outcome).inc()
+        m.bytes.labels(job.route).inc(job.size or 0)
+        m.last_success.labels(job.route).set(now)
+        m.end_to_end.labels(job.route).observe(max(0.0, now - job.detected_at))
+        detail = item.result.detail if item.result else {}
+        for key, label in (("rows_imported", "imported"), ("rows_failed", "failed")):
+            if isinstance(detail.get(key), int):
+                m.rows.labels(job.route, label).inc(detail[key])
+        self.tally.count(item.outcome, failed=False)
+        log.info(
+            "archived",
+            extra=job_fields(
+                job.id,
+                route=job.route,
+                name=job.name,
+                state="done",
+                outcome=item.outcome,
+                elapsed_s=now - job.detected_at,
+                attempts=job.attempts,
+            ),
+        )
+        self._signal(item)
+
+    def _signal(self, item: _ToArchive) -> None:
+        item.done.set()
+        self._release(item.job)
+
+    # -- fail ----------------------------------------------------------------------
+
+    async def _fail(self, job: JobRecord, error: JobError, *, outcome: str = "set_aside") -> None:
+        """Move the job folder to `failed/<id>/` with `error.json`; ledger `failed`."""
+        now = time.time()
+        doc = arch.error_document(
+            job,
+            error_class=error.error_class,
+            message=error.message,
+            outcome=outcome,
+            failed_at=now,
+        )
+        failed_dir = self.failed_root / job.id
+        try:
+            await shielded(
+                anyio.to_thread.run_sync(
+                    lambda: self._move_to_failed(job, failed_dir, doc), limiter=self.fs_threads
+                )
+            )
+        except OSError as e:
+            log.error(
+                "cannot move the job to failed/; it stays in proc/ and is retried",
+                extra=job_fields(job.id, route=job.route, name=job.name, error=repr(e)[:300]),
+            )
+            job.state, job.next_attempt_at = "waiting", now + 60
+            job.error_class, job.error = error.error_class, error.message[:4000]
+            await shielded(self._save(job, "next_attempt_at", "error_class", "error", "history"))
+            self._release(job)
+            return
+        job.state, job.outcome = "failed", outcome  # type: ignore[assignment]
+        job.error_class, job.error = error.error_class, error.message[:4000]
+        job.failed_path, job.next_attempt_at = str(failed_dir), None
+        await shielded(
+            self._save(
+                job,
+                "outcome",
+                "error_class",
+                "error",
+                "failed_path",
+                "next_attempt_at",
+                "history",
+                "sha256",
+                "size",
+                "mtime_ns",
+                "attempts",
+            )
+        )
+        self.metrics.jobs.labels(job.route, outcome).inc()
+        self.metrics.job_failures.labels(job.route, error.error_class).inc()
+        self.metrics.end_to_end.labels(job.route).observe(max(0.0, now - job.detected_at))
+        self.tally.count(outcome, failed=True)
+        log.warning(
+            "failed",
+            extra=job_fields(
+                job.id,
+                route=job.route,
+                name=job.name,
+                state="failed",
+                outcome=outcome,
+                error_class=error.error_class,
+                error=error.message[:500],
+                elapsed_s=now - job.detected_at,
+            ),
+        )
+        self._release(job)
+
+    def _move_to_failed(self, job: JobRecord, failed_dir: Path, doc: dict[str, Any]) -> None:
+        crash_point("mid_fail")
+        if failed_dir.exists():
+            return  # moved already (an interrupted earlier try)
+        arch.set_aside(self.job_dir(job), failed_dir, doc)
+        shutil.rmtree(self.temp / job.id, ignore_errors=True)
+
+
+def backoff(route: Route, attempt: int) -> float:
+    """`backoff_s` doubling per attempt, capped at `max_backoff_s`, with ±20 % jitter."""
+    base = min(route.max_backoff_s, route.backoff_s * math.pow(2, max(0, attempt - 1)))
+    return min(route.max_backoff_s, base * random.uniform(0.8, 1.2))
+
+
+def _timeout(route: Route) -> float:
+    s = route.importer
+    if isinstance(s, CommandImporterSettings):
+        # The command importer enforces its own timeout and kill grace; this is a backstop.
+        return s.timeout_s + s.kill_grace_s + 30
+    return s.timeout_s
+
+
+def _ts(t: float) -> str:
+    from service.names import rfc3339
+
+    return rfc3339(t) or ""

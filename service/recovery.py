@@ -1,0 +1,272 @@
+"""Start-up recovery: reconcile `proc/`, `archive/`, `failed/`, `temp/` and the ledger.
+
+The filesystem is the truth. Recovery finishes half-done moves, re-queues
+interrupted imports, adopts job folders that have no ledger row, removes empty
+job folders and our own unfinished copies (`<id>.tmp`, scratch in `temp/`), and
+counts everything it does in `filedock_recovery_actions_total{kind}`.
+It never deletes a payload: anything it cannot explain is counted as an
+`inconsistency`, logged, and left where it is.
+
+With several replicas it only touches jobs whose lease has expired (or that
+have no row at all), never another live replica's.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from service.archive import read_json
+from service.claim import payload_name, stored_name
+from service.ledger import JobRecord, Ledger
+from service.logs import job_fields
+from service.metrics import Metrics
+from service.names import rfc3339
+from service.routes import Router
+from service.settings import Settings
+
+__all__ = ["Recovery", "RecoveryReport"]
+
+log = logging.getLogger("filedock.recovery")
+JOB_ID = re.compile(r"^\d{8}T\d{9}Z-[0-9a-f]{8}$")
+_SCRATCH_DAYS = 3
+
+
+@dataclass
+class RecoveryReport:
+    actions: dict[str, int] = field(default_factory=dict)
+    resume: list[JobRecord] = field(default_factory=list)
+
+    def add(self, kind: str) -> None:
+        self.actions[kind] = self.actions.get(kind, 0) + 1
+
+
+class Recovery:
+    def __init__(
+        self, settings: Settings, ledger: Ledger, metrics: Metrics, router: Router
+    ) -> None:
+        self.settings = settings
+        self.ledger = ledger
+        self.metrics = metrics
+        self.router = router
+        self.proc = settings.folder("proc")
+        self.failed = settings.folder("failed")
+        self.archive = settings.folder("archive")
+        self.temp = settings.folder("temp")
+
+    def _act(
+        self, report: RecoveryReport, kind: str, job_id: str, msg: str, **extra: Any
+    ) -> None:
+        report.add(kind)
+        self.metrics.recovery_actions.labels(kind).inc()
+        level = logging.ERROR if kind == "inconsistency" else logging.INFO
+        log.log(level, msg, extra=job_fields(job_id, recovery=kind, **extra))
+
+    async def run(self, *, now: float | None = None) -> RecoveryReport:
+        """Reconcile; the returned report lists the jobs the pipeline must resume."""
+        now = time.time() if now is None else now
+        report = RecoveryReport()
+        orphans = await self.ledger.take_orphans(
+            now, self.settings.replica_id, self.settings.lease_s
+        )
+        for job in orphans:
+            await self._orphan(job, report, now)
+        await self._adopt_proc(report, now)
+        await self._adopt_failed(report)
+        await anyio.to_thread.run_sync(self._sweep_scratch, report)
+        if report.actions:
+            log.info("recovery finished", extra={"actions": report.actions})
+        return report
+
+    # -- jobs the ledger knows ---------------------------------------------------------
+
+    def _payload(self, job: JobRecord) -> bytes:
+        return os.fsencode(self.proc / job.id) + b"/" + stored_name(job.name)
+
+    async def _orphan(self, job: JobRecord, report: RecoveryReport, now: float) -> None:
+        in_proc = os.path.lexists(self._payload(job))
+        final = Path(job.archive_path) if job.archive_path else None
+        if final is not None and (final / "manifest.json").exists():
+            await self._finish_done(job, report, now)
+        elif (self.failed / job.id / "error.json").exists():
+            doc = read_json(self.failed / job.id / "error.json") or {}
+            await self.ledger.update(
+                job.id,
+                {
+                    "state": "failed",
+                    "outcome": doc.get("outcome", "set_aside"),
+                    "error_class": doc.get("error_class", "io_error"),
+                    "error": doc.get("message", "moved to failed/ before a crash"),
+                    "failed_path": str(self.failed / job.id),
+                    "updated_at": now,
+                },
+            )
+            self._remove_tree(self.proc / job.id)
+            self._act(report, "finished_fail", job.id, "finished an interrupted move to failed/")
+        elif in_proc:
+            if job.state == "importing":
+                if job.history and job.history[-1].get("result") == "running":
+                    job.history[-1].update(result="interrupted", ended_at=rfc3339(now))
+                job.state = "claimed"
+                await self.ledger.update(
+                    job.id, {"state": "claimed", "history": job.history, "updated_at": now}
+                )
+            if job.state != "waiting":
+                report.resume.append(job)
+                self._act(report, "requeued", job.id, f"re-queued a job found {job.state}")
+        elif job.state == "claimed" and not (self.proc / job.id).exists():
+            # The row is written before the claim rename: the crash came in between.
+            await self.ledger.delete([job.id])
+            self._act(report, "unclaimed_row", job.id, "removed the row of a claim never made")
+        else:
+            await self.ledger.update(
+                job.id,
+                {
+                    "state": "failed",
+                    "outcome": "set_aside",
+                    "error_class": "io_error",
+                    "error": "recovery found no file for this job in proc/, archive/ or failed/",
+                    "updated_at": now,
+                },
+            )
+            self._act(report, "inconsistency", job.id, "a job's file is missing", state=job.state)
+
+    async def _finish_done(self, job: JobRecord, report: RecoveryReport, now: float) -> None:
+        await self.ledger.update(job.id, {"state": "done", "updated_at": now})
+        await anyio.to_thread.run_sync(self._remove_tree, self.proc / job.id)
+        self._act(report, "finished_archive", job.id, "finished an interrupted archive")
+
+    # -- folders the ledger may not know -------------------------------------------------
+
+    async def _adopt_proc(self, report: RecoveryReport, now: float) -> None:
+        try:
+            names = sorted(os.listdir(self.proc))
+        except FileNotFoundError:
+            return
+        for entry in names:
+            path = self.proc / entry
+            if not JOB_ID.match(entry) or not path.is_dir() or path.is_symlink():
+                continue
+            job = await self.ledger.get(entry)
+            contents = [
+                n for n in os.listdir(os.fsencode(path)) if n not in (b"out", b"error.json")
+            ]
+            if job is None:
+                if not contents:
+                    self._remove_empty(path, report)
+                else:
+                    await self._adopt(entry, contents[0], report, now)
+            elif job.state == "done" and job.archive_path and Path(job.archive_path).exists():
+                await anyio.to_thread.run_sync(self._remove_tree, path)
+                self._act(report, "finished_archive", entry, "removed the source of a done job")
+            elif job.state == "failed" and (self.failed / entry).exists():
+                await anyio.to_thread.run_sync(self._remove_tree, path)
+                self._act(report, "finished_fail", entry, "removed a copy moved to failed/")
+            elif job.state in ("done", "failed"):
+                self._act(report, "inconsistency", entry, "a final job still has a folder in proc/")
+
+    async def _adopt(self, job_id: str, stored: bytes, report: RecoveryReport, now: float) -> None:
+        name = payload_name(stored)
+        c = self.router.classify(name)
+        route = c.route.name if c.route is not None else None
+        if route is None and self.settings.routes:
+            route = self.settings.routes[0].name
+        record = JobRecord(
+            id=job_id,
+            route=route or "unrouted",
+            name=name,
+            relative_path=name,
+            state="claimed",
+            detected_at=now,
+            created_at=now,
+            updated_at=now,
+            owner=self.settings.replica_id,
+            lease_expires_at=now + self.settings.lease_s,
+        )
+        await self.ledger.insert([record])
+        report.resume.append(record)
+        self._act(report, "adopted", job_id, "adopted a claimed file that had no ledger row")
+
+    async def _adopt_failed(self, report: RecoveryReport) -> None:
+        try:
+            names = sorted(os.listdir(self.failed))
+        except FileNotFoundError:
+            return
+        for entry in names:
+            if not JOB_ID.match(entry) or await self.ledger.get(entry) is not None:
+                continue
+            doc = read_json(self.failed / entry / "error.json") or {}
+            stored = [
+                n
+                for n in os.listdir(os.fsencode(self.failed / entry))
+                if n not in (b"out", b"error.json")
+            ]
+            name = payload_name(stored[0]) if stored else entry.encode()
+            now = time.time()
+            await self.ledger.insert(
+                [
+                    JobRecord(
+                        id=entry,
+                        route=str(doc.get("route", "unrouted")),
+                        name=name,
+                        relative_path=name,
+                        state="failed",
+                        outcome=doc.get("outcome", "set_aside"),
+                        error_class=doc.get("error_class", "io_error"),
+                        error=doc.get("message", "adopted by recovery"),
+                        sha256=doc.get("sha256"),
+                        size=doc.get("size"),
+                        detected_at=now,
+                        created_at=now,
+                        updated_at=now,
+                        failed_path=str(self.failed / entry),
+                    )
+                ]
+            )
+            self._act(report, "adopted", entry, "adopted a failed/ folder that had no ledger row")
+
+    def _sweep_scratch(self, report: RecoveryReport) -> None:
+        """Our own unfinished copies: `<id>.tmp` in archive/ and failed/, and temp/."""
+        for entry in _listdir(self.temp):
+            if JOB_ID.match(entry) and not (self.proc / entry).exists():
+                self._remove_tree(self.temp / entry)
+                self._act(report, "removed_tmp", entry, "removed scratch of an ended job")
+        for tmp in self._recent_tmp_dirs():
+            job_id = tmp.name.removesuffix(".tmp")
+            if (self.proc / job_id).exists() or (tmp.with_name(job_id)).exists():
+                self._remove_tree(tmp)  # the source is still in proc/, or the copy is done
+                self._act(report, "removed_tmp", job_id, "removed an unfinished copy")
+            else:
+                self._act(report, "inconsistency", job_id, "an unfinished copy has no source")
+
+    def _recent_tmp_dirs(self) -> list[Path]:
+        found = [self.failed / e for e in _listdir(self.failed) if e.endswith(".tmp")]
+        now = time.time()
+        for back in range(_SCRATCH_DAYS):
+            t = time.gmtime(now - back * 86400)
+            day = self.archive / f"{t.tm_year:04d}" / f"{t.tm_mon:02d}" / f"{t.tm_mday:02d}"
+            found += [day / e for e in _listdir(day) if e.endswith(".tmp")]
+        return found
+
+    def _remove_empty(self, path: Path, report: RecoveryReport) -> None:
+        shutil.rmtree(path)  # holds at most an empty out/
+        self._act(report, "removed_empty", path.name, "removed an empty job folder")
+
+    @staticmethod
+    def _remove_tree(path: Path) -> None:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _listdir(path: Path) -> list[str]:
+    try:
+        return os.listdir(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return []

@@ -1,0 +1,83 @@
+"""`filedock status`: what each folder holds (Kofa's listing), and why files wait.
+
+Blocking; run in a worker thread.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from service.fsutil import tree_entries
+from service.names import display_name, rfc3339
+from service.readiness import Readiness
+from service.routes import Router
+from service.settings import Settings
+
+__all__ = ["folder_report", "waiting_report"]
+
+FOLDERS = ("transfer", "proc", "archive", "failed", "temp")
+_WAITING_SHOWN = 1000
+
+
+def folder_report(settings: Settings) -> dict[str, dict[str, Any]]:
+    """Per folder: regular files, their bytes and the oldest one's mtime."""
+    report: dict[str, dict[str, Any]] = {}
+    for name in FOLDERS:
+        files = size = 0
+        oldest: float | None = None
+        for entry in tree_entries(settings.folder(name)):
+            try:
+                if not entry.is_file(follow_symlinks=False):
+                    continue
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            files += 1
+            size += st.st_size
+            oldest = st.st_mtime if oldest is None else min(oldest, st.st_mtime)
+        report[name] = {"files": files, "bytes": size, "oldest": rfc3339(oldest)}
+    return report
+
+
+def waiting_report(settings: Settings) -> list[dict[str, Any]]:
+    """Files in transfer/ that are not claimed yet, each with why it waits."""
+    transfer = settings.folder("transfer")
+    tb = os.fsencode(transfer)
+    router = Router(list(settings.routes))
+    readiness = Readiness(transfer)
+    out: list[dict[str, Any]] = []
+    now = time.time()
+    for entry in tree_entries(transfer):
+        rel = os.fsencode(entry.path)[len(tb) + 1 :]
+        is_dir = entry.is_dir(follow_symlinks=False)
+        c = router.classify(rel, is_dir=is_dir)
+        if is_dir and c.kind != "candidate":
+            continue
+        if c.kind == "unrouted":
+            reason = "unrouted: matches no route"
+        elif c.kind == "ignored":
+            reason = f"temporary name, ignored by route {c.route.name if c.route else '?'}"
+        elif c.kind == "companion":
+            reason = "marker or checksum file, claimed with its data file"
+        elif c.route is not None and c.route.readiness == "stable":
+            age = now - entry.stat(follow_symlinks=False).st_mtime
+            reason = (
+                f"settling: modified {age:.0f}s ago (settle_s={c.route.settle_s:g})"
+                if age < c.route.settle_s
+                else "ready: queued for a claim"
+            )
+        else:
+            assert c.route is not None
+            reason = readiness.why_not_ready(c.route, rel, None) or "ready: queued for a claim"
+        out.append(
+            {
+                "path": display_name(rel),
+                "route": c.route.name if c.route else None,
+                "reason": reason,
+            }
+        )
+        if len(out) >= _WAITING_SHOWN:
+            break
+    return out

@@ -1,0 +1,402 @@
+"""Discovery: find ready files in `transfer/` and queue them, bounded, per route.
+
+Scans are the truth and events only cut latency: watchfiles loses events under
+load, drops the kernel's overflow, dies on a non-UTF-8 name and misses files in
+new subfolders (RELIABILITY.md). So a full scan runs at start, every
+`scan_interval_s`, after each watcher restart, and a subfolder is scanned when
+it appears. A scan walks the tree lazily and waits when a route's queue is
+full: a backlog stays on disk, and memory does not grow with it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import anyio
+from anyio.abc import TaskStatus
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from service.logs import job_fields
+from service.metrics import Metrics
+from service.readiness import Readiness
+from service.routes import Router
+from service.settings import Settings
+
+__all__ = ["Candidate", "Discovery", "Intake", "detect_watch_mode"]
+
+log = logging.getLogger("filedock.watcher")
+
+NETWORK_FILESYSTEMS = frozenset(
+    {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "ceph", "glusterfs", "lustre", "gpfs", "afs"}
+)
+_CHUNK = 1024
+# (kind, route, relative path, stat of a routed file)
+_Found = tuple[str, str | None, bytes, os.stat_result | None]
+_REPORT_CAP = 10_000  # unrouted/stalled names remembered to report each once
+
+
+@dataclass(frozen=True)
+class Candidate:
+    rel: bytes
+    detected_at: float
+
+
+class Intake:
+    """A bounded queue of ready files per route; a file is queued at most once."""
+
+    def __init__(self, routes: list[str], size: int, metrics: Metrics) -> None:
+        self._send: dict[str, MemoryObjectSendStream[Candidate]] = {}
+        self.receive: dict[str, MemoryObjectReceiveStream[Candidate]] = {}
+        for name in routes:
+            self._send[name], self.receive[name] = anyio.create_memory_object_stream[Candidate](
+                size
+            )
+        self._queued: set[bytes] = set()
+        self._metrics = metrics
+
+    def __contains__(self, rel: bytes) -> bool:
+        return rel in self._queued
+
+    def offer_nowait(self, route: str, rel: bytes) -> bool:
+        """Queue a file if there is room (watcher hints); the next scan finds it otherwise."""
+        if rel in self._queued:
+            return True
+        try:
+            self._send[route].send_nowait(Candidate(rel, time.time()))
+        except anyio.WouldBlock:
+            return False
+        self._queued_new(route, rel)
+        return True
+
+    async def offer(self, route: str, rel: bytes) -> None:
+        """Queue a file, waiting for room (scans): this is the backpressure."""
+        if rel in self._queued:
+            return
+        await self._send[route].send(Candidate(rel, time.time()))
+        self._queued_new(route, rel)
+
+    def _queued_new(self, route: str, rel: bytes) -> None:
+        self._queued.add(rel)
+        self._metrics.files_detected.labels(route).inc()
+        self._metrics.queue_depth.set(len(self._queued))
+
+    def pending(self) -> int:
+        """Files queued and not yet claimed."""
+        return len(self._queued)
+
+    def release(self, rel: bytes) -> None:
+        """The file left the queue (claimed, or gone)."""
+        self._queued.discard(rel)
+        self._metrics.queue_depth.set(len(self._queued))
+
+    def close(self) -> None:
+        for stream in self._send.values():
+            stream.close()
+
+
+def detect_watch_mode(path: Path, configured: str) -> Literal["events", "poll", "scan"]:
+    """`auto` picks `scan` on network filesystems (inotify sees no other node's writes)."""
+    if configured != "auto":
+        return configured  # type: ignore[return-value]
+    fstype = filesystem_type(path)
+    if fstype in NETWORK_FILESYSTEMS or fstype.startswith("fuse"):
+        return "scan"
+    return "events"
+
+
+def filesystem_type(path: Path) -> str:
+    """The type of the mount holding `path`, from /proc/self/mounts ("" when unknown)."""
+    target = os.path.realpath(path)
+    best, best_type = "", ""
+    try:
+        with open("/proc/self/mounts", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) < 3:
+                    continue
+                mount = parts[1].replace("\\040", " ")
+                inside = target == mount or target.startswith(mount.rstrip("/") + "/")
+                if inside and len(mount) >= len(best):
+                    best, best_type = mount, parts[2]
+    except OSError:
+        return ""
+    return best_type
+
+
+class Discovery:
+    """Scans and watches `transfer/`, and feeds the intake."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        router: Router,
+        readiness: Readiness,
+        intake: Intake,
+        metrics: Metrics,
+        *,
+        mode: Literal["events", "poll", "scan"],
+    ) -> None:
+        self.settings = settings
+        self.transfer = settings.folder("transfer")
+        self._tb = os.fsencode(self.transfer)
+        self.router = router
+        self.readiness = readiness
+        self.intake = intake
+        self.metrics = metrics
+        self.mode = mode
+        self.stop = anyio.Event()
+        self._scan_now = anyio.Event()
+        self._want_full = True
+        self._subdirs: set[bytes] = set()
+        self._seen_by_watcher: set[bytes] = set()
+        self._watcher_since: float | None = None
+        self._unrouted_reported: set[bytes] = set()
+        self.last_scan_end = 0.0
+        self.backlog_files = 0
+        self.backlog_bytes = 0
+        self.oldest_mtime: float | None = None
+        self.last_heartbeat = time.monotonic()
+        self.scans = 0
+
+    # -- scanning ------------------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        self.metrics.watcher_mode.labels(self.mode).set(1)
+        log.info("discovery started", extra={"mode": self.mode, "path": str(self.transfer)})
+        async with anyio.create_task_group() as tg:
+            if self.mode != "scan":
+                tg.start_soon(self._supervise_watcher)
+            task_status.started()
+            await self._scan_loop()
+            tg.cancel_scope.cancel()
+
+    async def _scan_loop(self) -> None:
+        while not self.stop.is_set():
+            self._scan_now = anyio.Event()
+            subdirs, self._subdirs = self._subdirs, set()
+            if self._want_full:
+                self._want_full = False
+                await self.scan()
+            else:
+                for sub in subdirs:
+                    await self.scan(sub)
+            with anyio.move_on_after(self._next_scan_delay()):
+                await self._scan_now.wait()
+                continue
+            self._want_full = True
+
+    def _next_scan_delay(self) -> float:
+        delay = self.settings.scan_interval_s
+        wake = self.readiness.next_check_in()
+        return min(delay, wake) if wake is not None else delay
+
+    def request_scan(self, subdir: bytes | None = None) -> None:
+        """Ask for a scan soon: of one new subfolder, or (None) of everything."""
+        if subdir is None:
+            self._want_full = True
+        else:
+            self._subdirs.add(subdir)
+        self._scan_now.set()
+
+    async def scan(self, subdir: bytes | None = None) -> None:
+        """Walk `transfer/` (or one subfolder of it) and queue every ready file."""
+        started = time.monotonic()
+        walker = self._walk(subdir)
+        unrouted = files = size = 0
+        oldest: float | None = None
+        found: list[tuple[str, bytes]] = []
+        while True:
+            chunk = await anyio.to_thread.run_sync(_take, walker, _CHUNK)
+            for kind, route, rel, st in chunk:
+                if kind == "unrouted":
+                    unrouted += 1
+                    self._report_unrouted(rel)
+                elif kind == "candidate" and route is not None:
+                    found.append((route, rel))
+                if st is not None:
+                    files += 1
+                    size += st.st_size
+                    oldest = st.st_mtime if oldest is None else min(oldest, st.st_mtime)
+            for route, rel in found:
+                await self._found(route, rel, from_watcher=False)
+            found.clear()
+            self.last_heartbeat = time.monotonic()
+            if len(chunk) < _CHUNK or self.stop.is_set():
+                break
+        if subdir is None:
+            self.scans += 1
+            self.last_scan_end = time.time()
+            self.metrics.unrouted_files.set(unrouted)
+            self.metrics.stalled_uploads.set(self.readiness.stalled_count())
+            self.metrics.scan_duration.observe(time.monotonic() - started)
+            self.backlog_files, self.backlog_bytes, self.oldest_mtime = files, size, oldest
+            if len(self._unrouted_reported) > unrouted:
+                self._unrouted_reported.clear()  # forget files that left
+
+    def _walk(self, subdir: bytes | None) -> Iterator[_Found]:
+        """Blocking: the routed entries below `subdir`, lazily (the caller pulls chunks)."""
+        stack = [subdir] if subdir else [b""]
+        while stack:
+            rel_dir = stack.pop()
+            path = self._tb + b"/" + rel_dir if rel_dir else self._tb
+            try:
+                it = os.scandir(path)
+            except OSError:
+                continue
+            with it:
+                for entry in it:
+                    rel = rel_dir + b"/" + entry.name if rel_dir else entry.name
+                    try:
+                        is_dir = entry.is_dir(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    c = self.router.classify(rel, is_dir=is_dir)
+                    if is_dir and c.kind != "candidate":
+                        if not self.router.prune_dir(entry.name):
+                            stack.append(rel)
+                        continue
+                    if c.kind == "ignored" and c.route is not None:
+                        self.readiness.temp_file(c.route, rel, entry)
+                        continue
+                    if c.kind != "candidate" or c.route is None:
+                        yield c.kind, None, rel, None
+                        continue
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    ready = self.readiness.is_ready(c.route, rel, entry)
+                    yield ("candidate" if ready else "waiting"), c.route.name, rel, st
+
+    async def _found(self, route: str, rel: bytes, *, from_watcher: bool) -> None:
+        if from_watcher:
+            self._seen_by_watcher.add(rel)
+            if len(self._seen_by_watcher) > 4 * self.settings.queue_size + _REPORT_CAP:
+                self._seen_by_watcher.clear()
+            if not self.intake.offer_nowait(route, rel):
+                self.request_scan()
+            return
+        if rel in self.intake:
+            return
+        if (
+            self._watcher_since is not None
+            and rel not in self._seen_by_watcher
+            and self._missed_by_watcher(rel)
+        ):
+            self.metrics.watcher_missed.inc()
+        self._seen_by_watcher.discard(rel)
+        await self.intake.offer(route, rel)
+
+    def _missed_by_watcher(self, rel: bytes) -> bool:
+        """A file the watcher should have reported: it appeared while the watcher ran."""
+        try:
+            st = os.lstat(self._tb + b"/" + rel)
+        except OSError:
+            return False
+        since = self._watcher_since or 0.0
+        appeared = max(st.st_mtime, st.st_ctime)
+        return since < appeared < time.time() - 2.0 - self.settings.debounce_ms / 1000
+
+    def _report_unrouted(self, rel: bytes) -> None:
+        if rel in self._unrouted_reported or len(self._unrouted_reported) >= _REPORT_CAP:
+            return
+        self._unrouted_reported.add(rel)
+        log.warning(
+            "file matches no route; left in transfer/",
+            extra=job_fields(
+                name=rel, state="unrouted", relative_path=rel.decode("utf-8", "replace")
+            ),
+        )
+
+    # -- watching ------------------------------------------------------------------
+
+    async def _supervise_watcher(self) -> None:
+        """Run the watcher; when it dies, log, count, rescan at once and restart with backoff."""
+        backoff = 1.0
+        while not self.stop.is_set():
+            started = time.monotonic()
+            try:
+                await self._watch()
+            except Exception as e:
+                self.metrics.watcher_restarts.inc()
+                self._set_mode("scan")
+                log.error(
+                    "file watcher died; scanning until it restarts",
+                    extra={"error": repr(e)[:500], "retry_in_s": backoff},
+                )
+            else:
+                if self.stop.is_set():
+                    return
+                self.metrics.watcher_restarts.inc()
+                log.warning("file watcher stopped; restarting", extra={"retry_in_s": backoff})
+            self._watcher_since = None
+            self.request_scan()
+            if time.monotonic() - started > 60:
+                backoff = 1.0
+            with anyio.move_on_after(backoff):
+                await self.stop.wait()
+            backoff = min(backoff * 2, 60.0)
+
+    async def _watch(self) -> None:
+        from watchfiles import Change, awatch
+
+        self._watcher_since = time.time()
+        first = True
+        async for changes in awatch(
+            self.transfer,
+            watch_filter=None,  # the router decides, exactly as for scans
+            debounce=self.settings.debounce_ms,
+            step=min(50, self.settings.debounce_ms),
+            stop_event=self.stop,
+            raise_interrupt=False,
+            force_polling=self.mode == "poll",
+            recursive=True,
+            yield_on_timeout=True,
+            rust_timeout=5000,
+        ):
+            if first:
+                self._set_mode(self.mode)
+                first = False
+            self.last_heartbeat = time.monotonic()
+            for change, path in changes:
+                if change == Change.deleted:
+                    continue
+                await self._on_event(os.fsencode(path))
+
+    async def _on_event(self, path: bytes) -> None:
+        if not path.startswith(self._tb + b"/"):
+            return
+        rel = path[len(self._tb) + 1 :]
+        try:
+            st_is_dir = os.path.isdir(path) and not os.path.islink(path)
+        except OSError:
+            return
+        c = self.router.classify(rel, is_dir=st_is_dir)
+        if st_is_dir and c.kind != "candidate":
+            if not self.router.prune_dir(rel.rsplit(b"/", 1)[-1]):
+                self.request_scan(rel)  # files inside a new folder are often missed
+            return
+        if c.kind == "candidate" and c.route is not None:
+            if self.readiness.is_ready(c.route, rel, None):
+                await self._found(c.route.name, rel, from_watcher=True)
+        elif c.kind == "companion" and c.route is not None:
+            self.request_scan()  # a marker or checksum arrived: its file may be ready now
+
+    def _set_mode(self, mode: str) -> None:
+        for m in ("events", "poll", "scan"):
+            self.metrics.watcher_mode.labels(m).set(1 if m == mode else 0)
+
+
+def _take(it: Iterator[_Found], n: int) -> list[_Found]:
+    out: list[_Found] = []
+    for item in it:
+        out.append(item)
+        if len(out) >= n:
+            break
+    return out
