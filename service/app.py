@@ -13,6 +13,7 @@ is left half-moved.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from service.errors import StartupError
-from service.fsutil import free_bytes, probe_same_filesystem
+from service.fsutil import probe_same_filesystem
 from service.http import Health, build_http_app, serve_http
 from service.ledger import JobRecord, Ledger, ledger_for_url
 from service.metrics import Metrics
@@ -152,7 +153,7 @@ class App:
             await pipeline.run_stages(tg)
             tg.start_soon(self._resume_all, pipeline, report.resume)
             tg.start_soon(pipeline.run_heartbeat)
-            tg.start_soon(self._gauges, pipeline, discovery, ledger)
+            tg.start_soon(self._gauges, pipeline, discovery, ledger, health)
             self._start_reaper(tg, ledger)
             self.ready.set()
             if self.once:
@@ -191,7 +192,9 @@ class App:
         for job in jobs:
             await pipeline.resume(job)
 
-    async def _drain(self, pipeline: Pipeline, discovery: Discovery, resumed: list[JobRecord]) -> None:
+    async def _drain(
+        self, pipeline: Pipeline, discovery: Discovery, resumed: list[JobRecord]
+    ) -> None:
         """`run --once`: one scan, then until nothing is queued, in flight or due."""
         while True:
             await discovery.scan()
@@ -216,15 +219,20 @@ class App:
             health.loop_tick = time.monotonic()
             await anyio.sleep(1.0)
 
-    async def _gauges(self, pipeline: Pipeline, discovery: Discovery, ledger: Ledger) -> None:
-        """Folder backlogs, oldest waiting file, free space: every few seconds."""
+    async def _gauges(
+        self, pipeline: Pipeline, discovery: Discovery, ledger: Ledger, health: Health
+    ) -> None:
+        """Readiness, folder backlogs, oldest waiting file, free space: every few seconds."""
         s, m = self.settings, self.metrics
         while True:
+            await health.ready()  # keeps filedock_ready current without a prober
             for name in FOLDERS:
                 try:
-                    m.filesystem_free.labels(name).set(free_bytes(s.folder(name)))
+                    st = os.statvfs(s.folder(name))
                 except OSError:
-                    pass
+                    continue
+                m.filesystem_free.labels(name).set(st.f_bavail * st.f_frsize)
+                m.filesystem_size.labels(name).set(st.f_blocks * st.f_frsize)
             try:
                 counts = await ledger.counts()
             except Exception:

@@ -12,6 +12,7 @@ import platform
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from service import __version__
+from service.errors import ERROR_CLASSES
 
 __all__ = ["Metrics"]
 
@@ -20,6 +21,19 @@ LATENCY_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
     30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
 )  # fmt: skip
+
+
+FINAL_ERROR_CLASSES = tuple(c for c in ERROR_CLASSES if c not in ("import_error", "retry"))
+RECOVERY_KINDS = (
+    "requeued",
+    "finished_archive",
+    "finished_fail",
+    "adopted",
+    "removed_empty",
+    "removed_tmp",
+    "unclaimed_row",
+    "inconsistency",
+)
 
 
 class Metrics:
@@ -61,7 +75,10 @@ class Metrics:
             p + "backlog_files", "Files waiting in each folder.", ["folder"], registry=r
         )
         self.backlog_bytes = Gauge(
-            p + "backlog_bytes", "Bytes waiting in each folder.", ["folder"], registry=r
+            p + "backlog_bytes",
+            'Bytes of routed files waiting in transfer/ (folder="transfer").',
+            ["folder"],
+            registry=r,
         )
         self.oldest_waiting_age = Gauge(
             p + "oldest_waiting_file_age_seconds",
@@ -165,6 +182,12 @@ class Metrics:
             ["folder"],
             registry=r,
         )
+        self.filesystem_size = Gauge(
+            p + "filesystem_size_bytes",
+            "Size of the filesystem of each folder.",
+            ["folder"],
+            registry=r,
+        )
         self.ready = Gauge(
             p + "ready", "1 when the service is ready (the /readyz answer).", registry=r
         )
@@ -183,6 +206,9 @@ class Metrics:
             registry=r,
         )
 
+        for kind in RECOVERY_KINDS:
+            self.recovery_actions.labels(kind)
+
     def declare_route(self, route: str, concurrency: int) -> None:
         """Create a route's series at zero, so rates and alerts see it before its first file."""
         self.files_detected.labels(route)
@@ -195,3 +221,5 @@ class Metrics:
         self.end_to_end.labels(route)
         for outcome in ("imported", "partial", "duplicate", "rejected", "exhausted", "set_aside"):
             self.jobs.labels(route, outcome)
+        for error_class in FINAL_ERROR_CLASSES:
+            self.job_failures.labels(route, error_class)

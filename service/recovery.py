@@ -62,9 +62,7 @@ class Recovery:
         self.archive = settings.folder("archive")
         self.temp = settings.folder("temp")
 
-    def _act(
-        self, report: RecoveryReport, kind: str, job_id: str, msg: str, **extra: Any
-    ) -> None:
+    def _act(self, report: RecoveryReport, kind: str, job_id: str, msg: str, **extra: Any) -> None:
         report.add(kind)
         self.metrics.recovery_actions.labels(kind).inc()
         level = logging.ERROR if kind == "inconsistency" else logging.INFO

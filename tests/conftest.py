@@ -68,3 +68,265 @@ def postgres_url() -> str:
     except Exception as e:
         skip_or_fail(f"PostgreSQL at {url} is not reachable: {e}")
     return url
+
+
+# -- the real service on a tmp_path tree ------------------------------------------------
+
+import gzip  # noqa: E402
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import sqlite3  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import urllib.request  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import yaml  # noqa: E402
+
+TESTS = Path(__file__).parent
+REPO = TESTS.parent
+FAKE_IMPORTER = TESTS / "fake_importer.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def command_route(name: str = "main", match: str = "**", **overrides: Any) -> dict[str, Any]:
+    """A route whose importer is tests/fake_importer.py (its behaviour is read from the file)."""
+    route: dict[str, Any] = {
+        "name": name,
+        "match": match,
+        "importer": {
+            "kind": "command",
+            "argv": [sys.executable, str(FAKE_IMPORTER), "{out_dir}", "--", "{path}"],
+            "timeout_s": 30,
+            "kill_grace_s": 1,
+        },
+        "max_attempts": 3,
+        "backoff_s": 0,
+        "max_backoff_s": 0,
+    }
+    route.update(overrides)
+    return route
+
+
+class Service:
+    """A `filedock run` subprocess."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], port: int, log_path: Path) -> None:
+        self.proc, self.port, self.log_path = proc, port, log_path
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"filedock exited {self.proc.returncode}:\n{self.log()}")
+            try:
+                return self.get("/readyz")[0] == 200
+            except OSError:
+                return False
+
+        wait_for(ready, timeout=timeout, what="/readyz to answer 200")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        lines = []
+        for line in self.log().splitlines():
+            if line.startswith("{"):
+                lines.append(json.loads(line))
+        return lines
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=timeout)
+
+
+class FiledockTree:
+    """A filedock root in tmp_path, its configuration, and ways to look at it."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.base = tmp_path
+        self.root = tmp_path / "data"
+        self.config = tmp_path / "filedock.yaml"
+        self.record = tmp_path / "importer-record.jsonl"
+        self.services: list[Service] = []
+        self.settings: dict[str, Any] = {}
+
+    def folder(self, name: str) -> Path:
+        return self.root / name
+
+    @property
+    def transfer(self) -> Path:
+        return self.root / "transfer"
+
+    def configure(self, routes: list[dict[str, Any]] | None = None, **settings: Any) -> Path:
+        doc: dict[str, Any] = {
+            "root": str(self.root),
+            "scan_interval_s": 1,
+            "shutdown_grace_s": 10,
+            "http": {"host": "127.0.0.1", "port": free_port()},
+            "routes": routes if routes is not None else [command_route()],
+        }
+        doc.update(settings)
+        self.settings = doc
+        self.config.write_text(yaml.safe_dump(doc))
+        self.transfer.mkdir(parents=True, exist_ok=True)
+        return self.config
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FILEDOCK_")}
+        env["FILEDOCK_TEST_RECORD"] = str(self.record)
+        env["PYTHONPATH"] = str(TESTS) + os.pathsep + env.get("PYTHONPATH", "")
+        env.update(extra)
+        return env
+
+    def cli(
+        self, *args: str, env: dict[str, str] | None = None, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "service", *args, "--config", str(self.config)],
+            capture_output=True,
+            text=True,
+            env=env or self.env(),
+            cwd=REPO,
+            timeout=timeout,
+        )
+
+    def run_once(
+        self, *, env: dict[str, str] | None = None, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
+        return self.cli("run", "--once", env=env, timeout=timeout)
+
+    def start(self, *, env: dict[str, str] | None = None, wait_ready: bool = True) -> Service:
+        log_path = self.base / f"service-{len(self.services)}.log"
+        out = open(log_path, "wb")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service", "run", "--config", str(self.config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env or self.env(),
+            cwd=REPO,
+        )
+        out.close()
+        service = Service(proc, int(self.settings["http"]["port"]), log_path)
+        self.services.append(service)
+        if wait_ready:
+            service.wait_ready()
+        return service
+
+    def drop(self, rel: str | bytes, content: bytes = b"hello\n") -> Path:
+        """Deliver a file the way upstreams must: write a temp name, then rename."""
+        rel_b = rel.encode() if isinstance(rel, str) else rel
+        final = os.fsencode(self.transfer) + b"/" + rel_b
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        tmp = os.path.dirname(final) + b"/.upload-" + os.urandom(4).hex().encode()
+        with open(tmp, "wb") as f:
+            f.write(content)
+        os.rename(tmp, final)
+        return Path(os.fsdecode(final))
+
+    # -- looking at the result -------------------------------------------------------
+
+    def rows(self) -> list[dict[str, Any]]:
+        db = self.root / "state" / "ledger.sqlite3"
+        if not db.exists():
+            return []
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        conn.row_factory = sqlite3.Row
+        try:
+            return [dict(r) for r in conn.execute("SELECT * FROM jobs ORDER BY id")]
+        except sqlite3.OperationalError:
+            return []
+        finally:
+            conn.close()
+
+    def jobs(self, *args: str) -> list[dict[str, Any]]:
+        result = self.cli("jobs", "--json", "--limit", "100000", *args)
+        assert result.returncode == 0, result.stderr
+        return list(json.loads(result.stdout))
+
+    def archived(self) -> dict[str, Path]:
+        """Job id -> archive folder."""
+        out = {}
+        for manifest in self.folder("archive").glob("*/*/*/*/manifest.json"):
+            out[manifest.parent.name] = manifest.parent
+        return out
+
+    def failed(self) -> dict[str, Path]:
+        return (
+            {p.name: p for p in self.folder("failed").iterdir() if p.is_dir()}
+            if self.folder("failed").exists()
+            else {}
+        )
+
+    def final_count(self) -> int:
+        return sum(1 for r in self.rows() if r["state"] in ("done", "failed"))
+
+    def wait_final(self, n: int, timeout: float = 60) -> None:
+        wait_for(lambda: self.final_count() >= n, timeout=timeout, what=f"{n} jobs done or failed")
+
+    def records(self) -> list[dict[str, Any]]:
+        if not self.record.exists():
+            return []
+        return [json.loads(line) for line in self.record.read_text().splitlines() if line.strip()]
+
+    def check_invariants(self, dropped: dict[bytes, bytes]) -> None:
+        """RELIABILITY.md I1-I3 (and I4's at-least-once) for files dropped as {rel: content}."""
+        rows = self.rows()
+        assert len(rows) == len(dropped), f"{len(rows)} ledger rows for {len(dropped)} files"
+        archived, failed = self.archived(), self.failed()
+        by_rel = {bytes(r["relative_path"]): r for r in rows}
+        assert set(by_rel) == set(dropped), "ledger rows do not match the dropped files"
+        for rel, content in dropped.items():
+            row = by_rel[rel]
+            in_archive, in_failed = row["id"] in archived, row["id"] in failed
+            if row["state"] == "done":
+                assert in_archive, f"{rel!r}: done but not archived"
+                if row["outcome"] != "partial":
+                    assert not in_failed, f"{rel!r}: both archived and failed"
+                folder = archived[row["id"]]
+                manifest = json.loads((folder / "manifest.json").read_text())
+                gz = folder / manifest["files"][0]["name"]
+                data = gzip.decompress(gz.read_bytes())
+                assert hashlib.sha256(data).hexdigest() == hashlib.sha256(content).hexdigest()
+                assert manifest["sha256"] == row["sha256"] == hashlib.sha256(content).hexdigest()
+            else:
+                assert row["state"] == "failed", f"{rel!r}: ended {row['state']}"
+                assert in_failed and not in_archive, f"{rel!r}: failed but not in failed/"
+                assert (failed[row["id"]] / "error.json").exists()
+        leftovers = (
+            [p for p in self.folder("proc").iterdir()] if self.folder("proc").exists() else []
+        )
+        assert not leftovers, f"proc/ not empty: {leftovers}"
+        temp = list(self.folder("temp").iterdir()) if self.folder("temp").exists() else []
+        assert not temp, f"temp/ not empty: {temp}"
+        tmps = [p for p in self.root.rglob("*.tmp")]
+        assert not tmps, f"temp copies left: {tmps}"
+
+    def close(self) -> None:
+        for s in self.services:
+            if s.proc.poll() is None:
+                s.proc.kill()
+                s.proc.wait()
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Any:
+    t = FiledockTree(tmp_path)
+    yield t
+    t.close()

@@ -1,0 +1,365 @@
+"""The retention reaper: deletes archive and failed job folders and ledger rows past their age.
+
+What goes, per kind (`settings.retention`, never below 7 days):
+- `archive`: a folder `archive/YYYY/MM/DD/<job-id>/` older than `archive_days`;
+- `failed`: a folder `failed/<job-id>/` older than `failed_days`;
+- `ledger`: a done or failed row whose `updated_at` is older than `ledger_days`.
+
+A folder's age is its ledger row's `updated_at`, and only a done or failed row lets
+it go: a folder whose row is younger, or unfinished, stays. A folder without a row
+(its row already reaped, or never written) is aged by its job id's time prefix.
+Anything that is not a directory named like a job id (`<id>.tmp`, symlinks, stray
+files) is never touched. Day, month and year folders are removed once empty and
+wholly older than the cutoff.
+
+Each pass handles at most `retention.batch_size` items per kind, oldest first, and
+says in `ReapReport.more` whether a full batch was found, so more may be waiting.
+With a PostgreSQL ledger only one replica reaps at a time (a session advisory lock,
+`REAPER_LOCK`); a replica that does not get it skips the pass.
+
+API (used by `filedock reap [--dry-run]` and by `app.py`)::
+
+    reaper = Reaper(settings, ledger, metrics)          # clock=time.time injectable
+    report = await reaper.reap_once(dry_run=True)       # lists, deletes nothing
+    report = await reaper.reap_once(dry_run=False)      # one batch per kind
+    while report.more and not report.skipped:           # `filedock reap`: drain it all
+        report = await reaper.reap_once(dry_run=False)
+    await reaper.run_forever()                          # in app.py's task group
+
+`ReapReport` holds `archive` and `failed` (paths), `ledger` (job ids), `pruned`
+(emptied date folders), `errors`, `more`, `skipped` and `counts()`. A dry run lists
+exactly what a real run at the same moment deletes. `Reaper(...)` and `reap_once`
+raise `ConfigError` when a retention is below 7 days.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import stat
+import time
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Final, Literal, Protocol, runtime_checkable
+
+import anyio
+import anyio.to_thread
+
+from service.errors import ConfigError
+from service.ledger import FINAL_STATES, Ledger
+from service.logs import get_logger
+from service.metrics import Metrics
+from service.settings import Retention, Settings
+
+__all__ = ["MIN_RETENTION_DAYS", "REAPER_LOCK", "ReapReport", "Reaper", "job_id_time"]
+
+MIN_RETENTION_DAYS: Final = 7
+REAPER_LOCK: Final = "filedock-reaper"
+_DAY: Final = 86400.0
+_JOB_ID = re.compile(r"^(\d{8}T\d{6})(\d{3})Z-[0-9a-f]{8}\Z")
+_YEAR = re.compile(r"^\d{4}\Z")
+_TWO_DIGITS = re.compile(r"^\d{2}\Z")
+_FINAL: Final = sorted(FINAL_STATES)
+
+Kind = Literal["archive", "failed", "ledger"]
+log = get_logger(__name__)
+
+
+@runtime_checkable
+class _Lockable(Protocol):
+    """A ledger shared by replicas (PostgreSQL) offers a lock; SQLite has one replica."""
+
+    def advisory_lock(self, key: str) -> AbstractAsyncContextManager[bool]: ...
+
+
+@dataclass
+class ReapReport:
+    """What one pass deleted, or with `dry_run` would delete."""
+
+    dry_run: bool
+    now: float
+    archive: list[Path] = field(default_factory=list)
+    failed: list[Path] = field(default_factory=list)
+    ledger: list[str] = field(default_factory=list)
+    pruned: list[Path] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    more: bool = False
+    skipped: str | None = None
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "archive": len(self.archive),
+            "failed": len(self.failed),
+            "ledger": len(self.ledger),
+        }
+
+
+def job_id_time(name: str) -> float | None:
+    """The creation time in a job id (`20261123T175400123Z-3f9a1c7e`), or None.
+
+    >>> job_id_time("19700102T000000500Z-0badf00d")
+    86400.5
+    >>> job_id_time("19700102T000000500Z-0badf00d.tmp") is None
+    True
+    """
+    m = _JOB_ID.match(name)
+    if m is None:
+        return None
+    try:
+        stamp = datetime.strptime(m[1], "%Y%m%dT%H%M%S").replace(tzinfo=UTC)
+    except ValueError:
+        return None
+    return stamp.timestamp() + int(m[2]) / 1000
+
+
+def check_floor(retention: Retention) -> None:
+    """Refuse any retention below 7 days, however the settings were built."""
+    for kind in ("archive", "failed", "ledger"):
+        days = getattr(retention, f"{kind}_days")
+        if not days >= MIN_RETENTION_DAYS:
+            raise ConfigError(
+                f"retention.{kind}_days: {days} is below the {MIN_RETENTION_DAYS}-day floor;"
+                " the reaper refuses to run"
+            )
+    if retention.batch_size < 1:
+        raise ConfigError(f"retention.batch_size: {retention.batch_size} must be at least 1")
+
+
+class Reaper:
+    """Applies `settings.retention` to the archive, failed folders and the ledger."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        ledger: Ledger,
+        metrics: Metrics,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        check_floor(settings.retention)
+        self.retention = settings.retention
+        self.archive_root = settings.folder("archive")
+        self.failed_root = settings.folder("failed")
+        self._ledger = ledger
+        self._metrics = metrics
+        self._clock = clock
+
+    async def run_forever(self) -> None:
+        """Reap every `interval_s`, at once again while a pass found a full batch."""
+        while True:
+            more = False
+            try:
+                more = (await self.reap_once(dry_run=False)).more
+            except Exception as e:  # e.g. the ledger is away: try again next interval
+                log.warning("reap failed", extra={"error": repr(e)})
+            await anyio.sleep(0 if more else self.retention.interval_s)
+
+    async def reap_once(self, dry_run: bool) -> ReapReport:
+        """One pass: at most `batch_size` archive folders, failed folders and ledger rows."""
+        check_floor(self.retention)
+        started = time.monotonic()
+        report = ReapReport(dry_run=dry_run, now=self._clock())
+        if dry_run or not isinstance(self._ledger, _Lockable):
+            await self._reap(report)
+        else:
+            async with self._ledger.advisory_lock(REAPER_LOCK) as held:
+                if held:
+                    await self._reap(report)
+                else:
+                    report.skipped = "another replica is reaping"
+        if any(report.counts().values()) or report.errors or report.skipped:
+            log.info(
+                "reaped" if not dry_run else "reap dry run",
+                extra={
+                    **report.counts(),
+                    "pruned": len(report.pruned),
+                    "errors": len(report.errors),
+                    "more": report.more,
+                    "skipped": report.skipped,
+                    "elapsed_s": round(time.monotonic() - started, 4),
+                },
+            )
+        return report
+
+    async def _reap(self, report: ReapReport) -> None:
+        r, now = self.retention, report.now
+        archive_cut = now - r.archive_days * _DAY
+        days = await anyio.to_thread.run_sync(_old_days, self.archive_root, archive_cut)
+        visited: list[_Day] = []
+        archive_full = False
+        for day in days:
+            visited.append(day)
+            if await self._sweep("archive", day.path, archive_cut, report, report.archive):
+                archive_full = True
+                break
+        if report.dry_run:
+            gone = set(report.archive)
+            report.pruned = await anyio.to_thread.run_sync(_prune_plan, visited, gone, archive_cut)
+        else:
+            report.pruned = await anyio.to_thread.run_sync(_prune, visited, archive_cut)
+
+        failed_cut = now - r.failed_days * _DAY
+        failed_full = await self._sweep(
+            "failed", self.failed_root, failed_cut, report, report.failed
+        )
+
+        rows = await self._ledger.older_than(_FINAL, now - r.ledger_days * _DAY, r.batch_size)
+        report.ledger = [row.id for row in rows]
+        if report.ledger and not report.dry_run:
+            with anyio.CancelScope(shield=True):
+                await self._ledger.delete(report.ledger)
+                self._metrics.reaped.labels("ledger").inc(len(report.ledger))
+
+        # A full batch that deleted nothing (say, folders we may not remove) must not spin.
+        report.more = (
+            (archive_full and (report.dry_run or bool(report.archive)))
+            or (failed_full and (report.dry_run or bool(report.failed)))
+            or len(rows) >= r.batch_size
+        )
+
+    async def _sweep(
+        self, kind: Kind, folder: Path, cutoff: float, report: ReapReport, out: list[Path]
+    ) -> bool:
+        """Reap the expired job folders of one folder; True when the batch filled up."""
+        root = self.archive_root if kind == "archive" else self.failed_root
+        for name, created in await anyio.to_thread.run_sync(_job_dirs, folder):
+            if len(out) >= self.retention.batch_size:
+                return True
+            if created >= cutoff:
+                break  # names sort by creation time, and a job is never older than its id
+            row = await self._ledger.get(name)
+            if row is not None and not (row.state in FINAL_STATES and row.updated_at < cutoff):
+                continue
+            path = folder / name
+            if report.dry_run:
+                out.append(path)
+                continue
+            with anyio.CancelScope(shield=True):
+                error = await anyio.to_thread.run_sync(_remove_job_dir, path, root)
+                if error is None:
+                    out.append(path)
+                    self._metrics.reaped.labels(kind).inc()
+                elif error:
+                    report.errors.append(error)
+                    log.warning("reap: cannot remove a job folder", extra={"error": error})
+        return len(out) >= self.retention.batch_size
+
+
+# -- blocking file work (run in threads) ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Day:
+    path: Path
+    end: float
+    month_end: float
+    year_end: float
+
+
+def _subdirs(path: Path, pattern: re.Pattern[str]) -> list[str]:
+    """Names of real directories (never symlinks) in `path` matching `pattern`, sorted."""
+    try:
+        with os.scandir(path) as it:
+            names = [
+                e.name for e in it if pattern.match(e.name) and e.is_dir(follow_symlinks=False)
+            ]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(names)
+
+
+def _utc(year: int, month: int = 1, day: int = 1) -> float:
+    return datetime(year, month, day, tzinfo=UTC).timestamp()
+
+
+def _old_days(root: Path, cutoff: float) -> list[_Day]:
+    """The `YYYY/MM/DD` folders of the archive that began before `cutoff`, oldest first."""
+    days: list[_Day] = []
+    for y in _subdirs(root, _YEAR):
+        year = int(y)
+        if year < 1970 or _utc(year) >= cutoff:
+            continue
+        year_end = _utc(year + 1)
+        for m in _subdirs(root / y, _TWO_DIGITS):
+            month = int(m)
+            if not 1 <= month <= 12 or _utc(year, month) >= cutoff:
+                continue
+            month_end = _utc(year + 1) if month == 12 else _utc(year, month + 1)
+            for d in _subdirs(root / y / m, _TWO_DIGITS):
+                try:
+                    start = _utc(year, month, int(d))
+                except ValueError:
+                    continue  # not a date (02/31): not ours to judge
+                if start < cutoff:
+                    days.append(_Day(root / y / m / d, start + _DAY, month_end, year_end))
+    return days
+
+
+def _job_dirs(folder: Path) -> list[tuple[str, float]]:
+    """Job folders in `folder` (real directories named like a job id) and their id times."""
+    found: list[tuple[str, float]] = []
+    for name in _subdirs(folder, _JOB_ID):
+        created = job_id_time(name)
+        if created is not None:
+            found.append((name, created))
+    return found
+
+
+def _remove_job_dir(path: Path, root: Path) -> str | None:
+    """Delete one job folder; None when done, "" when already gone, else the reason not."""
+    real_root = os.path.realpath(root)
+    parent = os.path.realpath(path.parent)
+    if parent != real_root and not parent.startswith(real_root + os.sep):
+        return f"{path} is outside {root}: left alone"
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISDIR(st.st_mode):
+            return f"{path} is not a directory (a symlink?): left alone"
+        # rmtree works on directory descriptors here, so a symlink swapped in below
+        # is removed as a link, never followed.
+        shutil.rmtree(path)
+    except FileNotFoundError:
+        return ""  # another reaper (or `filedock reap`) was first
+    except OSError as e:
+        return f"cannot remove {path}: {e.strerror or e}"
+    return None
+
+
+def _empty_periods(days: list[_Day], cutoff: float) -> list[Path]:
+    """Day, month and year folders wholly older than `cutoff`, children before parents."""
+    months = {d.path.parent: d.month_end for d in days}
+    years = {d.path.parent.parent: d.year_end for d in days}
+    return (
+        [d.path for d in days if d.end <= cutoff]
+        + sorted(p for p, end in months.items() if end <= cutoff)
+        + sorted(p for p, end in years.items() if end <= cutoff)
+    )
+
+
+def _prune(days: list[_Day], cutoff: float) -> list[Path]:
+    pruned: list[Path] = []
+    for path in _empty_periods(days, cutoff):
+        try:
+            path.rmdir()  # only when empty: whatever is left in it stays
+        except OSError:
+            continue
+        pruned.append(path)
+    return pruned
+
+
+def _prune_plan(days: list[_Day], gone: set[Path], cutoff: float) -> list[Path]:
+    """What `_prune` would remove once the paths in `gone` are deleted."""
+    gone = set(gone)
+    plan: list[Path] = []
+    for path in _empty_periods(days, cutoff):
+        try:
+            if all(path / name in gone for name in os.listdir(path)):
+                plan.append(path)
+                gone.add(path)
+        except OSError:
+            continue
+    return plan

@@ -1,0 +1,56 @@
+"""The CLI users script against: status, jobs, show, retry, exit codes."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import FiledockTree
+
+
+def test_status_jobs_show_and_retry(tree: FiledockTree) -> None:
+    tree.configure()
+    flag = tree.base / "fixed"
+    tree.drop("good.csv", b"fine\n")
+    tree.drop("bad.csv", f"REJECT_UNLESS {flag}\n".encode())
+    (tree.transfer / "waiting.tmp").write_bytes(b"half")
+    assert tree.run_once().returncode == 1
+
+    status = json.loads(tree.cli("status", "--json").stdout)
+    assert status["jobs"] == {"done": 1, "failed": 1}
+    assert status["folders"]["transfer"]["files"] == 1
+    assert status["folders"]["failed"]["files"] == 3  # bad.csv, error.json, out/result.txt
+    assert status["waiting_in_transfer"][0]["reason"].startswith("temporary name")
+    text = tree.cli("status").stdout
+    assert "transfer" in text and "done 1" in text
+
+    failed = tree.jobs("--state", "failed")
+    assert [j["name"] for j in failed] == ["bad.csv"]
+    job_id = failed[0]["id"]
+    shown = json.loads(tree.cli("show", job_id, "--json").stdout)
+    assert shown["error_class"] == "rejected" and shown["failed_path"].endswith(job_id)
+    assert tree.cli("show", "20990101T000000000Z-00000000").returncode == 1
+
+    flag.write_text("")  # the operator fixed the cause
+    r = tree.cli("retry", job_id)
+    assert r.returncode == 0 and "queued" in r.stdout
+    assert tree.run_once().returncode == 0
+    shown = json.loads(tree.cli("show", job_id, "--json").stdout)
+    assert shown["state"] == "done" and shown["attempts"] == 2
+    assert [h.get("event", "attempt") for h in shown["history"]] == [
+        "attempt",
+        "manual_retry",
+        "attempt",
+    ]
+    assert job_id in tree.archived() and job_id not in tree.failed()
+    assert tree.cli("retry", job_id).returncode == 1  # done: nothing to retry
+
+
+def test_help_lists_every_command() -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "service", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for command in ("run", "check-config", "status", "jobs", "show", "retry", "reap"):
+        assert command in out

@@ -1,0 +1,107 @@
+"""Configuration: file + environment, and errors that name the field and the reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import FiledockTree, command_route
+
+from service.errors import ConfigError
+from service.settings import load_settings
+
+
+def _write(path: Path, doc: dict[str, object]) -> Path:
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_file_then_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = _write(
+        tmp_path / "c.yaml", {"root": "/srv/x", "http": {"port": 9200}, "routes": [command_route()]}
+    )
+    monkeypatch.setenv("FILEDOCK_HTTP__PORT", "9300")
+    monkeypatch.setenv("FILEDOCK_MAX_CONCURRENCY", "3")
+    s = load_settings(cfg)
+    assert s.http.port == 9300 and s.max_concurrency == 3 and s.root == Path("/srv/x")
+    assert s.folder("proc") == Path("/srv/x/proc")
+    assert s.effective_ledger_url == "sqlite:////srv/x/state/ledger.sqlite3"
+
+
+def test_toml_works_too(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        'root = "/d"\n[[routes]]\nname = "a"\nmatch = "*.csv"\n'
+        '[routes.importer]\nkind = "python"\ncallable = "m:f"\n'
+    )
+    assert load_settings(cfg).routes[0].name == "a"
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        ({"rooot": "/x"}, "rooot: unknown setting"),
+        ({"max_concurrency": 0}, "max_concurrency: Input should be greater than or equal to 1"),
+        ({"retention": {"archive_days": 3}}, "retention.archive_days"),
+        (
+            {"routes": [{"name": "a", "match": "*", "importer": {"kind": "ftp"}}]},
+            "routes.0.importer",
+        ),
+        (
+            {"routes": [command_route(order="partition")]},
+            "order: partition needs partition_key",
+        ),
+        (
+            {"routes": [command_route(partition_key="(?P<nokey>x)")]},
+            "named group (?P<key>...)",
+        ),
+        ({"routes": [command_route(match="../etc/*")]}, "without / or .."),
+        ({"routes": [command_route(), command_route()]}, "is used twice"),
+    ],
+)
+def test_bad_configuration_names_field_and_reason(
+    tmp_path: Path, doc: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_settings(_write(tmp_path / "c.yaml", doc))
+    assert message in str(e.value)
+
+
+def test_check_config_exit_codes_and_output(tree: FiledockTree) -> None:
+    tree.configure()
+    ok = tree.cli("check-config")
+    assert ok.returncode == 0, ok.stderr
+    effective = yaml.safe_load(ok.stdout)
+    assert effective["folders"]["proc"] == str(tree.root / "proc")
+    assert effective["routes"][0]["max_attempts"] == 3
+    assert effective["watch_mode"] == "auto"
+
+    tree.config.write_text(tree.config.read_text() + "typo_here: 1\n")
+    bad = tree.cli("check-config")
+    assert bad.returncode == 2
+    assert "typo_here: unknown setting" in bad.stderr
+    run = tree.run_once()
+    assert run.returncode == 2 and "typo_here" in run.stderr
+
+
+def test_unreachable_route_and_missing_callable_are_errors(tree: FiledockTree) -> None:
+    tree.configure(
+        [
+            command_route("everything", match="**"),
+            command_route("orders", match="orders/*.csv"),
+        ]
+    )
+    r = tree.cli("check-config")
+    assert r.returncode == 2 and "routes.orders: unreachable" in r.stderr
+    tree.configure(
+        [{"name": "p", "match": "*", "importer": {"kind": "python", "callable": "nope.mod:f"}}]
+    )
+    r = tree.cli("check-config")
+    assert r.returncode == 2 and "cannot import 'nope.mod'" in r.stderr
+
+
+def test_missing_config_file_is_a_clear_error(tree: FiledockTree) -> None:
+    tree.config = tree.base / "absent.yaml"
+    r = tree.cli("check-config")
+    assert r.returncode == 2 and "cannot read configuration file" in r.stderr
