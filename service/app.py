@@ -28,6 +28,7 @@ from service.ledger import JobRecord, Ledger, ledger_for_url
 from service.metrics import Metrics
 from service.pipeline import Pipeline
 from service.readiness import Readiness
+from service.reaper import Reaper
 from service.recovery import Recovery
 from service.routes import Router
 from service.settings import Settings
@@ -253,10 +254,6 @@ class App:
             await anyio.sleep(5.0)
 
     def _start_reaper(self, tg: TaskGroup, ledger: Ledger) -> None:
-        try:
-            from service.reaper import Reaper
-        except ImportError:
-            return
         if not self.once:
             tg.start_soon(Reaper(self.settings, ledger, self.metrics).run_forever)
 

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from service.claim import stored_name
+from service.claim import payload_name, stored_name
 from service.errors import JobError
 from service.fsutil import Barrier, fsync_dir, move_tree, write_durable
 from service.ledger.base import JobRecord
@@ -46,9 +46,13 @@ _CHUNK = 1 << 20
 HOST = socket.gethostname()
 
 
-def archive_dir_for(archive_root: Path, job_id: str, now: float) -> Path:
-    t = time.gmtime(now)
-    return archive_root / f"{t.tm_year:04d}" / f"{t.tm_mon:02d}" / f"{t.tm_mday:02d}" / job_id
+def archive_dir_for(archive_root: Path, job_id: str) -> Path:
+    """`archive/YYYY/MM/DD/<id>`, dated by the job id (its claim, UTC).
+
+    A pure function of the id: recovery finds a job's archive without the ledger.
+    """
+    y, m, d = job_id[0:4], job_id[4:6], job_id[6:8]
+    return archive_root / y / m / d / job_id
 
 
 def _identity(job: JobRecord) -> dict[str, Any]:
@@ -165,6 +169,12 @@ def build_archive(
     _verify_gzip(tmp / gz_name, job.sha256)
     files: list[dict[str, Any]] = [{"name": gz_name, "role": "source", "sha256": job.sha256}]
     barrier.file(tmp / gz_name)
+    for stored in sorted(os.listdir(os.fsencode(proc_dir))):
+        if stored in (stored_name(job.name), b"out", b"error.json"):
+            continue
+        safe = os.fsdecode(safe_archive_name(payload_name(stored)))
+        _copy_output(Path(os.fsdecode(os.fsencode(proc_dir) + b"/" + stored)), tmp / safe, barrier)
+        files.append({"name": safe, "role": "companion"})
     out_dir = proc_dir / "out"
     if out_dir.is_dir():
         entries = sorted(e for e in os.listdir(out_dir) if e not in skip_outputs)

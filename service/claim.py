@@ -21,8 +21,18 @@ from typing import Literal
 
 from service.errors import JobError
 from service.fsutil import Barrier
+from service.settings import Route
 
-__all__ = ["ClaimResult", "Vetted", "claim_batch", "payload_name", "stored_name", "vet"]
+__all__ = [
+    "ClaimResult",
+    "Vetted",
+    "claim_batch",
+    "companion_suffixes",
+    "payload_name",
+    "read_sidecar",
+    "stored_name",
+    "vet",
+]
 
 # Names the service writes into a job folder; a payload with one of them is stored as `_<name>`.
 RESERVED = frozenset({b"out", b"error.json", b"manifest.json", b"importer.log"})
@@ -47,15 +57,32 @@ class ClaimResult:
     job_id: str
     status: Literal["claimed", "gone", "error"]
     error: str | None = None
+    vetted: Vetted | None = None
+    rejected: JobError | None = None  # claimed, but not a file to import (set it aside)
 
 
 def claim_batch(
-    transfer: Path, proc: Path, items: list[tuple[bytes, str]], *, use_syncfs: bool = True
+    transfer: Path,
+    proc: Path,
+    items: list[tuple[bytes, str]],
+    *,
+    companions: tuple[bytes, ...] = (),
+    max_size: int | None = None,
+    temp: Path | None = None,
+    use_syncfs: bool = True,
 ) -> list[ClaimResult]:
     """Rename each `transfer/<rel>` to `proc/<id>/<name>`; one barrier for the batch.
 
+    `companions` are suffixes of files that travel with their file (a marker
+    `<name>.done`, a checksum `<name>.sha256`): each that exists is moved into the
+    same job folder after the file itself.
+
     A file that is gone (another replica claimed it, or the upstream took it back)
     is reported as `gone`: normal, and quiet.
+
+    After the barrier each claimed entry is vetted where it now lies (see `vet`),
+    and its importer folders (`out/`, `temp/<id>/`) are made: all in this one
+    call, so a batch costs one trip to a worker thread.
     """
     tb, pb = os.fsencode(transfer), os.fsencode(proc)
     barrier = Barrier(use_syncfs=use_syncfs)
@@ -78,13 +105,33 @@ def claim_batch(
             else:
                 results.append(ClaimResult(rel, job_id, "error", f"rename: {e.strerror}"))
             continue
+        for suffix in companions:
+            try:
+                os.rename(src + suffix, job_dir + b"/" + stored_name(name + suffix))
+            except FileNotFoundError:
+                pass
         barrier.dir(Path(os.fsdecode(src)).parent)
         barrier.dir(Path(os.fsdecode(job_dir)))
         results.append(ClaimResult(rel, job_id, "claimed"))
     if any(r.status == "claimed" for r in results):
         barrier.dir(proc)
         barrier.flush()
-    return results
+    return [_vet_claimed(r, pb, max_size, temp) if r.status == "claimed" else r for r in results]
+
+
+def _vet_claimed(
+    r: ClaimResult, proc: bytes, max_size: int | None, temp: Path | None
+) -> ClaimResult:
+    job_dir = proc + b"/" + r.job_id.encode()
+    name = r.rel.rsplit(b"/", 1)[-1]
+    try:
+        vetted = vet(job_dir + b"/" + stored_name(name), max_size=max_size, want_hash=True)
+    except JobError as e:
+        return ClaimResult(r.rel, r.job_id, "claimed", rejected=e)
+    os.mkdir(job_dir + b"/out")
+    if temp is not None:
+        os.makedirs(temp / r.job_id, exist_ok=True)
+    return ClaimResult(r.rel, r.job_id, "claimed", vetted=vetted)
 
 
 @dataclass(frozen=True)
@@ -134,6 +181,28 @@ def vet(path: bytes, *, max_size: int | None, want_hash: bool) -> Vetted:
         return Vetted(fst.st_size, fst.st_mtime_ns, digest)
     finally:
         os.close(fd)
+
+
+def companion_suffixes(route: Route) -> tuple[bytes, ...]:
+    """The files that travel with a file of this route: its marker, its checksum."""
+    out: list[bytes] = []
+    if route.readiness == "marker":
+        out.append(route.marker_suffix.encode())
+    if route.checksum_sidecar:
+        out.append(b".sha256")
+    return tuple(out)
+
+
+def read_sidecar(job_dir: bytes, name: bytes) -> str | None:
+    """The SHA-256 a `<name>.sha256` file announces (`sha256sum` format), if present."""
+    try:
+        with open(job_dir + b"/" + stored_name(name + b".sha256"), "rb") as f:
+            first = f.read(4096).split(None, 1)
+    except FileNotFoundError:
+        return None
+    if not first or len(first[0]) != 64:
+        raise JobError("checksum_mismatch", "the .sha256 file does not hold a SHA-256")
+    return first[0].decode("ascii", "replace").lower()
 
 
 def _check_type(st: os.stat_result) -> None:

@@ -300,9 +300,12 @@ async def cmd_reap(settings: Settings, args: argparse.Namespace) -> int:
     from service.reaper import Reaper
 
     async def go(ledger: Ledger) -> int:
-        report = await Reaper(settings, ledger, Metrics()).reap_once(dry_run=args.dry_run)
-        print(report.render() if hasattr(report, "render") else report)
-        return EXIT_OK
+        reaper = Reaper(settings, ledger, Metrics())
+        while True:  # a pass handles one bounded batch per kind
+            report = await reaper.reap_once(dry_run=args.dry_run)
+            print(report.render())
+            if args.dry_run or not report.more:
+                return EXIT_OK
 
     return await _with_ledger(settings, go)
 

@@ -185,6 +185,27 @@ def probe_same_filesystem(a: Path, b: Path) -> None:
     target.unlink()
 
 
+def remove_tree(path: Path) -> None:
+    """Remove a job folder of our own (no links to follow): plain unlink/rmdir, bottom up.
+
+    Cheaper than `shutil.rmtree`'s descriptor-based walk for the few entries a job
+    folder holds; a missing folder is fine.
+    """
+    try:
+        entries = list(os.scandir(path))
+    except FileNotFoundError:
+        return
+    except NotADirectoryError:
+        os.unlink(path)
+        return
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            remove_tree(Path(entry.path))
+        else:
+            os.unlink(entry.path)
+    os.rmdir(path)
+
+
 def free_bytes(path: Path) -> int:
     st = os.statvfs(path)
     return st.f_bavail * st.f_frsize

@@ -20,7 +20,7 @@ import logging
 import math
 import os
 import random
-import shutil
+import re
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
@@ -31,10 +31,17 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from service import archive as arch
-from service.claim import claim_batch, stored_name, vet
+from service.claim import (
+    Vetted,
+    claim_batch,
+    companion_suffixes,
+    read_sidecar,
+    stored_name,
+    vet,
+)
 from service.crash import crash_point
 from service.errors import JobError, Reject, Retry
-from service.fsutil import Barrier
+from service.fsutil import Barrier, remove_tree
 from service.importers import Importer, ImportJob, Result, build_importer
 from service.ledger import JobRecord, Ledger
 from service.logs import job_fields
@@ -132,6 +139,11 @@ class Pipeline:
             settings.queue_size
         )
         self.active: dict[str, JobRecord] = {}
+        self._vetted: set[str] = set()
+        self._set_aside: dict[str, JobError] = {}  # claimed, then found not importable
+        # Ordered lanes: each job waits for the event of the job before it with its key.
+        self._order_tail: dict[tuple[str, str], anyio.Event] = {}
+        self._order_wait: dict[str, tuple[anyio.Event | None, anyio.Event]] = {}
         self.tally = Tally()
         self.draining = False  # shutting down: start no new import
         self._changed = anyio.Event()
@@ -189,7 +201,17 @@ class Pipeline:
         if job.state == "archiving":
             await self._archive_send.send(_ToArchive(job, job.outcome or "imported", None))
         else:
-            await lane.send.send(job)
+            await self._enqueue(lane, job)
+
+    async def _enqueue(self, lane: _Lane, job: JobRecord) -> None:
+        """Queue a job for the lane's workers, chained behind its predecessor in order."""
+        route = lane.route
+        if route.order != "none":
+            key = (route.name, order_key(route, job.relative_path))
+            before, mine = self._order_tail.get(key), anyio.Event()
+            self._order_tail[key] = mine
+            self._order_wait[job.id] = (before, mine)
+        await lane.send.send(job)
 
     def _hold(self, job: JobRecord) -> None:
         self.active[job.id] = job
@@ -223,7 +245,7 @@ class Pipeline:
                             break
                 claimed = await shielded(self._claim(lane.route, batch))
                 for job in claimed:
-                    await lane.send.send(job)
+                    await self._enqueue(lane, job)
 
     async def _claim(self, route: Route, batch: list[Candidate]) -> list[JobRecord]:
         now = time.time()
@@ -253,10 +275,14 @@ class Pipeline:
             await anyio.sleep(1.0)
             return []
         results = await anyio.to_thread.run_sync(
-            claim_batch,
-            self.transfer,
-            self.proc,
-            [(r.relative_path, r.id) for r in records],
+            lambda: claim_batch(
+                self.transfer,
+                self.proc,
+                [(r.relative_path, r.id) for r in records],
+                companions=companion_suffixes(route),
+                max_size=route.max_size_bytes,
+                temp=self.temp,
+            ),
             limiter=self.fs_threads,
         )
         for c in batch:
@@ -264,6 +290,12 @@ class Pipeline:
         claimed, lost = [], []
         for record, result in zip(records, results, strict=True):
             if result.status == "claimed":
+                if result.vetted is not None:
+                    v = result.vetted
+                    record.size, record.mtime_ns, record.sha256 = v.size, v.mtime_ns, v.sha256
+                    self._vetted.add(record.id)
+                elif result.rejected is not None:
+                    self._set_aside[record.id] = result.rejected
                 claimed.append(record)
                 self._hold(record)
                 crash_point("after_claim")
@@ -291,19 +323,50 @@ class Pipeline:
     async def _worker(self, lane: _Lane) -> None:
         async with lane.receive:
             async for job in lane.receive:
-                if self.draining:
-                    self._release(job)  # stays claimed in proc/; the next start resumes it
-                    continue
-                async with lane.limiter, self.global_limiter:
-                    await self._process(lane, job)
+                before, mine = self._order_wait.pop(job.id, (None, None))
+                try:
+                    if before is not None:
+                        await before.wait()
+                    await self._work(lane, job)
+                finally:
+                    if mine is not None:
+                        mine.set()
+                        self._forget_tail(mine)
+
+    async def _work(self, lane: _Lane, job: JobRecord) -> None:
+        while True:
+            if self.draining:
+                self._release(job)  # stays claimed in proc/; the next start resumes it
+                return
+            async with lane.limiter, self.global_limiter:
+                await self._process(lane, job)
+            if lane.route.order == "none" or job.state != "waiting":
+                return
+            # An ordered lane holds its place: the retry happens here, in order.
+            await anyio.sleep(max(0.0, (job.next_attempt_at or 0) - time.time()))
+            job.state = "claimed"
+
+    def _forget_tail(self, event: anyio.Event) -> None:
+        for key, tail in list(self._order_tail.items()):
+            if tail is event:
+                del self._order_tail[key]
 
     def job_dir(self, job: JobRecord) -> Path:
         return self.proc / job.id
 
     async def _process(self, lane: _Lane, job: JobRecord) -> None:
         route = lane.route
+        rejected = self._set_aside.pop(job.id, None)
+        if rejected is not None:
+            await self._fail(job, rejected, outcome="set_aside")
+            return
         try:
-            await self._vet(route, job)
+            if job.id in self._vetted:
+                self._vetted.discard(job.id)  # vetted in its claim batch, moments ago
+            else:
+                await self._vet(route, job)
+            if route.checksum_sidecar:
+                await self._check_sidecar(job)
         except JobError as e:
             if e.retryable and self._attempts_left(route, job):
                 await self._wait_retry(route, job, e, e.message)
@@ -330,15 +393,30 @@ class Pipeline:
 
     async def _vet(self, route: Route, job: JobRecord) -> None:
         path = os.fsencode(self.job_dir(job)) + b"/" + stored_name(job.name)
-        vetted = await anyio.to_thread.run_sync(
-            lambda: vet(path, max_size=route.max_size_bytes, want_hash=job.sha256 is None),
-            limiter=self.fs_threads,
-        )
+
+        def check() -> Vetted:
+            vetted = vet(path, max_size=route.max_size_bytes, want_hash=job.sha256 is None)
+            # The importer's folders, made while we are in a worker thread anyway.
+            (self.job_dir(job) / "out").mkdir(exist_ok=True)
+            (self.temp / job.id).mkdir(exist_ok=True)
+            return vetted
+
+        vetted = await anyio.to_thread.run_sync(check, limiter=self.fs_threads)
         if job.sha256 is None:
             job.size, job.mtime_ns, job.sha256 = vetted.size, vetted.mtime_ns, vetted.sha256
         elif (vetted.size, vetted.mtime_ns) != (job.size, job.mtime_ns):
             raise JobError("modified_during_processing", "the file changed after it was claimed")
         crash_point("after_vet")
+
+    async def _check_sidecar(self, job: JobRecord) -> None:
+        announced = await anyio.to_thread.run_sync(
+            read_sidecar, os.fsencode(self.job_dir(job)), job.name, limiter=self.fs_threads
+        )
+        if announced is not None and announced != job.sha256:
+            raise JobError(
+                "checksum_mismatch",
+                f"content SHA-256 {job.sha256} differs from {announced} in its .sha256 file",
+            )
 
     def _attempts_left(self, route: Route, job: JobRecord) -> bool:
         since_manual = 0
@@ -359,8 +437,6 @@ class Pipeline:
         job.history.append({"n": n, "started_at": _ts(now), "result": "running"})
         await shielded(self._save(job, "attempts", "size", "mtime_ns", "sha256", "history"))
         out_dir, temp_dir = self.job_dir(job) / "out", self.temp / job.id
-        out_dir.mkdir(exist_ok=True)
-        temp_dir.mkdir(parents=True, exist_ok=True)
         import_job = ImportJob(
             id=job.id,
             route=route.name,
@@ -395,9 +471,6 @@ class Pipeline:
             gauge.dec()
             elapsed = time.monotonic() - started
             self.metrics.import_duration.labels(route.name).observe(elapsed)
-            await anyio.to_thread.run_sync(
-                lambda: shutil.rmtree(temp_dir, ignore_errors=True), limiter=self.fs_threads
-            )
         crash_point("after_import")
         job.history[-1]["ended_at"] = _ts(time.time())
         job.history[-1]["elapsed_s"] = round(elapsed, 4)
@@ -469,34 +542,28 @@ class Pipeline:
                 attempt=job.attempts,
             ),
         )
-        self._release(job)
+        if route.order == "none":
+            self._release(job)  # the retry scheduler picks it up when due
 
     async def _save(self, job: JobRecord, *columns: str) -> None:
+        await self.ledger.update(*self._fields(job, *columns))
+
+    @staticmethod
+    def _fields(job: JobRecord, *columns: str) -> tuple[str, dict[str, Any]]:
+        """A job's state, `updated_at` (now) and the named columns, for the ledger."""
         job.updated_at = time.time()
         fields: dict[str, Any] = {c: getattr(job, c) for c in columns}
         fields.update(state=job.state, updated_at=job.updated_at)
-        await self.ledger.update(job.id, fields)
+        return job.id, fields
 
     # -- archive -------------------------------------------------------------------
 
     async def _to_archive(
         self, route: Route, job: JobRecord, outcome: str, result: Result | None
     ) -> None:
-        job.state = "archiving"
+        job.state = "archiving"  # the archiver records it, for its whole batch at once
         job.outcome = outcome  # type: ignore[assignment]
-        job.archive_path = str(arch.archive_dir_for(self.archive_root, job.id, time.time()))
-        await shielded(
-            self._save(
-                job,
-                "outcome",
-                "archive_path",
-                "duplicate_of",
-                "history",
-                "sha256",
-                "size",
-                "mtime_ns",
-            )
-        )
+        job.archive_path = str(arch.archive_dir_for(self.archive_root, job.id))
         item = _ToArchive(job, outcome, result)
         await self._archive_send.send(item)
         if route.order != "none":
@@ -519,15 +586,26 @@ class Pipeline:
                 await shielded(self._archive_batch(batch))
 
     async def _archive_batch(self, batch: list[_ToArchive]) -> None:
+        archiving = (
+            "outcome",
+            "archive_path",
+            "duplicate_of",
+            "history",
+            "sha256",
+            "size",
+            "mtime_ns",
+        )
+        await self.ledger.update_many([self._fields(i.job, *archiving) for i in batch])
         errors = await anyio.to_thread.run_sync(
             self._write_archives, batch, limiter=self.fs_threads
         )
         published = [item for item, err in zip(batch, errors, strict=True) if err is None]
         now = time.time()
-        async with anyio.create_task_group() as tg:
-            for item in published:
-                item.job.state = "done"
-                tg.start_soon(self._save, item.job, "outcome", "archive_path", "failed_path")
+        for item in published:
+            item.job.state = "done"
+        await self.ledger.update_many(
+            [self._fields(i.job, "outcome", "archive_path", "failed_path") for i in published]
+        )
         crash_point("after_ledger_done")
         await anyio.to_thread.run_sync(
             self._remove_sources, [i.job for i in published], limiter=self.fs_threads
@@ -539,8 +617,10 @@ class Pipeline:
                 await self._archive_failed(item, err)
 
     def _remove_sources(self, jobs: list[JobRecord]) -> None:
+        """The job is archived: its folder in proc/ and its scratch in temp/ go."""
         for job in jobs:
-            shutil.rmtree(self.job_dir(job), ignore_errors=True)
+            remove_tree(self.job_dir(job))
+            remove_tree(self.temp / job.id)
 
     def _write_archives(self, batch: list[_ToArchive]) -> list[BaseException | None]:
         """Blocking: build each `<id>.tmp/`, one barrier, publish all, one barrier."""
@@ -719,7 +799,15 @@ class Pipeline:
         if failed_dir.exists():
             return  # moved already (an interrupted earlier try)
         arch.set_aside(self.job_dir(job), failed_dir, doc)
-        shutil.rmtree(self.temp / job.id, ignore_errors=True)
+        remove_tree(self.temp / job.id)
+
+
+def order_key(route: Route, rel: bytes) -> str:
+    """The lane key: one for `fifo`, the `key` group of `partition_key` for `partition`."""
+    if route.order != "partition" or route.partition_key is None:
+        return ""
+    m = re.search(route.partition_key, rel.decode("utf-8", "surrogateescape"))
+    return m.group("key") or "" if m else ""
 
 
 def backoff(route: Route, attempt: int) -> float:

@@ -27,7 +27,8 @@ API (used by `filedock reap [--dry-run]` and by `app.py`)::
     await reaper.run_forever()                          # in app.py's task group
 
 `ReapReport` holds `archive` and `failed` (paths), `ledger` (job ids), `pruned`
-(emptied date folders), `errors`, `more`, `skipped` and `counts()`. A dry run lists
+(emptied date folders), `errors`, `more`, `skipped`, and has `counts()`, `render()`
+(text for a person) and `to_json()`. A dry run lists
 exactly what a real run at the same moment deletes. `Reaper(...)` and `reap_once`
 raise `ConfigError` when a retention is below 7 days.
 """
@@ -53,6 +54,7 @@ from service.errors import ConfigError
 from service.ledger import FINAL_STATES, Ledger
 from service.logs import get_logger
 from service.metrics import Metrics
+from service.names import rfc3339
 from service.settings import Retention, Settings
 
 __all__ = ["MIN_RETENTION_DAYS", "REAPER_LOCK", "ReapReport", "Reaper", "job_id_time"]
@@ -96,6 +98,39 @@ class ReapReport:
             "failed": len(self.failed),
             "ledger": len(self.ledger),
         }
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "dry_run": self.dry_run,
+            "now": rfc3339(self.now),
+            "counts": self.counts(),
+            "archive": [str(p) for p in self.archive],
+            "failed": [str(p) for p in self.failed],
+            "ledger": self.ledger,
+            "pruned": [str(p) for p in self.pruned],
+            "errors": self.errors,
+            "more": self.more,
+            "skipped": self.skipped,
+        }
+
+    def render(self) -> str:
+        """The report for a person: a summary line, then one line per item."""
+        if self.skipped:
+            return f"reap skipped: {self.skipped}"
+        verb = "would delete" if self.dry_run else "deleted"
+        c = self.counts()
+        lines = [
+            f"{verb} {c['archive']} archive folder(s), {c['failed']} failed folder(s),"
+            f" {c['ledger']} ledger row(s)"
+        ]
+        lines += [f"archive  {p}" for p in self.archive]
+        lines += [f"failed   {p}" for p in self.failed]
+        lines += [f"ledger   {i}" for i in self.ledger]
+        lines += [f"pruned   {p}" for p in self.pruned]
+        lines += [f"error    {e}" for e in self.errors]
+        if self.more:
+            lines.append("a batch was full: more may be due (run again)")
+        return "\n".join(lines)
 
 
 def job_id_time(name: str) -> float | None:
@@ -190,12 +225,13 @@ class Reaper:
         archive_cut = now - r.archive_days * _DAY
         days = await anyio.to_thread.run_sync(_old_days, self.archive_root, archive_cut)
         visited: list[_Day] = []
-        archive_full = False
+        budget = r.batch_size
         for day in days:
             visited.append(day)
-            if await self._sweep("archive", day.path, archive_cut, report, report.archive):
-                archive_full = True
+            budget -= await self._sweep("archive", day.path, archive_cut, report, budget)
+            if budget == 0:
                 break
+        archive_full = budget == 0
         if report.dry_run:
             gone = set(report.archive)
             report.pruned = await anyio.to_thread.run_sync(_prune_plan, visited, gone, archive_cut)
@@ -203,9 +239,8 @@ class Reaper:
             report.pruned = await anyio.to_thread.run_sync(_prune, visited, archive_cut)
 
         failed_cut = now - r.failed_days * _DAY
-        failed_full = await self._sweep(
-            "failed", self.failed_root, failed_cut, report, report.failed
-        )
+        handled = await self._sweep("failed", self.failed_root, failed_cut, report, r.batch_size)
+        failed_full = handled == r.batch_size
 
         rows = await self._ledger.older_than(_FINAL, now - r.ledger_days * _DAY, r.batch_size)
         report.ledger = [row.id for row in rows]
@@ -216,24 +251,28 @@ class Reaper:
 
         # A full batch that deleted nothing (say, folders we may not remove) must not spin.
         report.more = (
-            (archive_full and (report.dry_run or bool(report.archive)))
-            or (failed_full and (report.dry_run or bool(report.failed)))
+            (archive_full and bool(report.archive))
+            or (failed_full and bool(report.failed))
             or len(rows) >= r.batch_size
         )
 
     async def _sweep(
-        self, kind: Kind, folder: Path, cutoff: float, report: ReapReport, out: list[Path]
-    ) -> bool:
-        """Reap the expired job folders of one folder; True when the batch filled up."""
-        root = self.archive_root if kind == "archive" else self.failed_root
+        self, kind: Kind, folder: Path, cutoff: float, report: ReapReport, limit: int
+    ) -> int:
+        """Reap up to `limit` expired job folders of one folder; returns how many it tried."""
+        root, out = (
+            (self.archive_root, report.archive)
+            if kind == "archive"
+            else (self.failed_root, report.failed)
+        )
+        tried = 0
         for name, created in await anyio.to_thread.run_sync(_job_dirs, folder):
-            if len(out) >= self.retention.batch_size:
-                return True
-            if created >= cutoff:
+            if tried >= limit or created >= cutoff:
                 break  # names sort by creation time, and a job is never older than its id
             row = await self._ledger.get(name)
             if row is not None and not (row.state in FINAL_STATES and row.updated_at < cutoff):
-                continue
+                continue  # a younger or unfinished row keeps its folder
+            tried += 1
             path = folder / name
             if report.dry_run:
                 out.append(path)
@@ -246,7 +285,7 @@ class Reaper:
                 elif error:
                     report.errors.append(error)
                     log.warning("reap: cannot remove a job folder", extra={"error": error})
-        return len(out) >= self.retention.batch_size
+        return tried
 
 
 # -- blocking file work (run in threads) ----------------------------------------------

@@ -24,7 +24,7 @@ from typing import Any
 
 import anyio
 
-from service.archive import read_json
+from service.archive import archive_dir_for, read_json
 from service.claim import payload_name, stored_name
 from service.ledger import JobRecord, Ledger
 from service.logs import job_fields
@@ -91,8 +91,8 @@ class Recovery:
 
     async def _orphan(self, job: JobRecord, report: RecoveryReport, now: float) -> None:
         in_proc = os.path.lexists(self._payload(job))
-        final = Path(job.archive_path) if job.archive_path else None
-        if final is not None and (final / "manifest.json").exists():
+        final = archive_dir_for(self.archive, job.id)
+        if (final / "manifest.json").exists():
             await self._finish_done(job, report, now)
         elif (self.failed / job.id / "error.json").exists():
             doc = read_json(self.failed / job.id / "error.json") or {}
@@ -138,7 +138,19 @@ class Recovery:
             self._act(report, "inconsistency", job.id, "a job's file is missing", state=job.state)
 
     async def _finish_done(self, job: JobRecord, report: RecoveryReport, now: float) -> None:
-        await self.ledger.update(job.id, {"state": "done", "updated_at": now})
+        final = archive_dir_for(self.archive, job.id)
+        manifest = read_json(final / "manifest.json") or {}
+        await self.ledger.update(
+            job.id,
+            {
+                "state": "done",
+                "outcome": manifest.get("outcome", job.outcome or "imported"),
+                "archive_path": str(final),
+                "sha256": manifest.get("sha256", job.sha256),
+                "size": manifest.get("size", job.size),
+                "updated_at": now,
+            },
+        )
         await anyio.to_thread.run_sync(self._remove_tree, self.proc / job.id)
         self._act(report, "finished_archive", job.id, "finished an interrupted archive")
 
@@ -162,7 +174,7 @@ class Recovery:
                     self._remove_empty(path, report)
                 else:
                     await self._adopt(entry, contents[0], report, now)
-            elif job.state == "done" and job.archive_path and Path(job.archive_path).exists():
+            elif job.state == "done" and archive_dir_for(self.archive, entry).exists():
                 await anyio.to_thread.run_sync(self._remove_tree, path)
                 self._act(report, "finished_archive", entry, "removed the source of a done job")
             elif job.state == "failed" and (self.failed / entry).exists():

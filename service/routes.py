@@ -8,6 +8,7 @@ they agree on what is ignored by construction.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from typing import Literal
@@ -112,6 +113,13 @@ class Router:
                 return Classified("ignored", cr.route)
             return Classified("candidate", cr.route)
         return Classified("unrouted")
+
+    def companion_has_file(self, route: Route, rel: bytes, transfer: bytes) -> bool:
+        """Whether the file a marker or checksum file belongs to is there."""
+        for suffix in (route.marker_suffix.encode(), b".sha256"):
+            if rel.endswith(suffix) and os.path.lexists(transfer + b"/" + rel[: -len(suffix)]):
+                return True
+        return False
 
     def prune_dir(self, name: bytes) -> bool:
         """Whether a subfolder is a temp folder for every route (never walked into)."""

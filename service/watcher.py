@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -26,7 +26,7 @@ from service.logs import job_fields
 from service.metrics import Metrics
 from service.readiness import Readiness
 from service.routes import Router
-from service.settings import Settings
+from service.settings import Route, Settings
 
 __all__ = ["Candidate", "Discovery", "Intake", "detect_watch_mode"]
 
@@ -39,6 +39,22 @@ _CHUNK = 1024
 # (kind, route, relative path, stat of a routed file)
 _Found = tuple[str, str | None, bytes, os.stat_result | None]
 _REPORT_CAP = 10_000  # unrouted/stalled names remembered to report each once
+
+
+@dataclass
+class _ScanTally:
+    """What a full scan saw: unrouted files, and routed files waiting (for the gauges)."""
+
+    unrouted: int = 0
+    files: int = 0
+    size: int = 0
+    oldest: float | None = None
+    flagged: set[bytes] = field(default_factory=set)  # unrouted or orphaned, seen this scan
+
+    def add(self, st: os.stat_result) -> None:
+        self.files += 1
+        self.size += st.st_size
+        self.oldest = st.st_mtime if self.oldest is None else min(self.oldest, st.st_mtime)
 
 
 @dataclass(frozen=True)
@@ -157,6 +173,7 @@ class Discovery:
         self._seen_by_watcher: set[bytes] = set()
         self._watcher_since: float | None = None
         self._unrouted_reported: set[bytes] = set()
+        self._ordered = {r.name for r in settings.routes if r.order != "none"}
         self.last_scan_end = 0.0
         self.backlog_files = 0
         self.backlog_bytes = 0
@@ -208,36 +225,51 @@ class Discovery:
         """Walk `transfer/` (or one subfolder of it) and queue every ready file."""
         started = time.monotonic()
         walker = self._walk(subdir)
-        unrouted = files = size = 0
-        oldest: float | None = None
-        found: list[tuple[str, bytes]] = []
+        tally = _ScanTally()
+        ordered: list[tuple[float, bytes, str]] = []  # (mtime, path, route): oldest first
         while True:
             chunk = await anyio.to_thread.run_sync(_take, walker, _CHUNK)
-            for kind, route, rel, st in chunk:
-                if kind == "unrouted":
-                    unrouted += 1
-                    self._report_unrouted(rel)
-                elif kind == "candidate" and route is not None:
-                    found.append((route, rel))
-                if st is not None:
-                    files += 1
-                    size += st.st_size
-                    oldest = st.st_mtime if oldest is None else min(oldest, st.st_mtime)
+            found = self._sort_chunk(chunk, tally, ordered)
             for route, rel in found:
                 await self._found(route, rel, from_watcher=False)
-            found.clear()
             self.last_heartbeat = time.monotonic()
             if len(chunk) < _CHUNK or self.stop.is_set():
                 break
+        for _, rel, route in sorted(ordered):
+            await self._found(route, rel, from_watcher=False)
         if subdir is None:
             self.scans += 1
             self.last_scan_end = time.time()
-            self.metrics.unrouted_files.set(unrouted)
+            self.metrics.unrouted_files.set(tally.unrouted)
             self.metrics.stalled_uploads.set(self.readiness.stalled_count())
             self.metrics.scan_duration.observe(time.monotonic() - started)
-            self.backlog_files, self.backlog_bytes, self.oldest_mtime = files, size, oldest
-            if len(self._unrouted_reported) > unrouted:
-                self._unrouted_reported.clear()  # forget files that left
+            self.backlog_files, self.backlog_bytes = tally.files, tally.size
+            self.oldest_mtime = tally.oldest
+            self._unrouted_reported &= tally.flagged  # forget files that left
+
+    def _sort_chunk(
+        self, chunk: list[_Found], tally: _ScanTally, ordered: list[tuple[float, bytes, str]]
+    ) -> list[tuple[str, bytes]]:
+        """Count a chunk of a scan; return the files to queue now (ordered lanes wait)."""
+        found: list[tuple[str, bytes]] = []
+        for kind, route, rel, st in chunk:
+            if kind in ("unrouted", "orphan_companion") and len(tally.flagged) < _REPORT_CAP:
+                tally.flagged.add(rel)
+            if kind == "unrouted":
+                tally.unrouted += 1
+                self._report_once(rel, "file matches no route; left in transfer/", "unrouted")
+            elif kind == "orphan_companion":
+                self._report_once(
+                    rel, "marker or checksum file without its file; left in transfer/", "orphan"
+                )
+            elif kind == "candidate" and route is not None:
+                if route in self._ordered and st is not None:
+                    ordered.append((st.st_mtime, rel, route))
+                else:
+                    found.append((route, rel))
+            if st is not None:
+                tally.add(st)
+        return found
 
     def _walk(self, subdir: bytes | None) -> Iterator[_Found]:
         """Blocking: the routed entries below `subdir`, lazily (the caller pulls chunks)."""
@@ -264,6 +296,10 @@ class Discovery:
                     if c.kind == "ignored" and c.route is not None:
                         self.readiness.temp_file(c.route, rel, entry)
                         continue
+                    if c.kind == "companion" and c.route is not None:
+                        if self._orphan_companion(c.route, rel, entry):
+                            yield "orphan_companion", c.route.name, rel, None
+                        continue
                     if c.kind != "candidate" or c.route is None:
                         yield c.kind, None, rel, None
                         continue
@@ -273,6 +309,16 @@ class Discovery:
                         continue
                     ready = self.readiness.is_ready(c.route, rel, entry)
                     yield ("candidate" if ready else "waiting"), c.route.name, rel, st
+
+    def _orphan_companion(self, route: Route, rel: bytes, entry: os.DirEntry[bytes]) -> bool:
+        """A marker or checksum whose file has not come for `stalled_after_s`."""
+        if self.router.companion_has_file(route, rel, self._tb):
+            return False
+        try:
+            age = time.time() - entry.stat(follow_symlinks=False).st_mtime
+        except OSError:
+            return False
+        return age >= route.stalled_after_s
 
     async def _found(self, route: str, rel: bytes, *, from_watcher: bool) -> None:
         if from_watcher:
@@ -303,16 +349,12 @@ class Discovery:
         appeared = max(st.st_mtime, st.st_ctime)
         return since < appeared < time.time() - 2.0 - self.settings.debounce_ms / 1000
 
-    def _report_unrouted(self, rel: bytes) -> None:
+    def _report_once(self, rel: bytes, message: str, state: str) -> None:
+        """Log a file that waits for a person once, not on every scan."""
         if rel in self._unrouted_reported or len(self._unrouted_reported) >= _REPORT_CAP:
             return
         self._unrouted_reported.add(rel)
-        log.warning(
-            "file matches no route; left in transfer/",
-            extra=job_fields(
-                name=rel, state="unrouted", relative_path=rel.decode("utf-8", "replace")
-            ),
-        )
+        log.warning(message, extra=job_fields(name=rel, state=state))
 
     # -- watching ------------------------------------------------------------------
 
@@ -383,7 +425,9 @@ class Discovery:
                 self.request_scan(rel)  # files inside a new folder are often missed
             return
         if c.kind == "candidate" and c.route is not None:
-            if self.readiness.is_ready(c.route, rel, None):
+            if c.route.name in self._ordered:
+                self.request_scan()  # an ordered lane takes files oldest first: scan
+            elif self.readiness.is_ready(c.route, rel, None):
                 await self._found(c.route.name, rel, from_watcher=True)
         elif c.kind == "companion" and c.route is not None:
             self.request_scan()  # a marker or checksum arrived: its file may be ready now

@@ -7,9 +7,9 @@ transaction records the job in `filedock_imports` (and its failed lines in
 `filedock_import_errors`), so a re-run after a crash either finds no record and imports,
 or finds it and only writes the output files again, from the recorded errors.
 
-Memory does not grow with the file: the CSV is read a line at a time, rows go to the
-database in chunks of `chunk_rows` (each loaded into a staging table and applied with a
-few set-wise statements), and the output files are written as rows are decided.
+Memory does not grow with the file: the CSV is read a chunk of `chunk_rows` records at a
+time, each chunk is validated column by column and written with one `executemany` or
+`COPY`, and the output files are written as rows are decided.
 """
 
 from __future__ import annotations
@@ -17,12 +17,15 @@ from __future__ import annotations
 import codecs
 import contextlib
 import csv
+import functools
+import itertools
 import os
 import re
 import sqlite3
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
 from types import ModuleType
@@ -42,17 +45,29 @@ if TYPE_CHECKING:
 __all__ = ["ERROR_COLUMN", "CsvSqlImporter"]
 
 ERROR_COLUMN: Final = "import_error"
-_MAX_RECORD: Final = 1 << 20  # characters in one record: bounds memory on a file without newlines
-_KEEP_RAW: Final = 4096  # characters of an over-long record kept in the pending file
+_MAX_LINE: Final = 1 << 23  # characters read at once: a longer line is cut (its pieces fail)
+_KEEP_RAW: Final = 4096  # characters of an unparsable record kept in the pending file
 _LOG_ERRORS: Final = 20
 _SQLITE_BUSY_S: Final = 30.0
 _PG_CONNECT_TIMEOUT_S: Final = 10
-_INT_RE: Final = re.compile(r"[+-]?[0-9]+")
-_DECIMAL_RE: Final = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
-_TRUE: Final = frozenset({"true", "1", "yes"})
-_FALSE: Final = frozenset({"false", "0", "no"})
+_PG_WINDOW_ROWS: Final = 8192  # rows one COPY streams before awaiting the server's verdict
 
-Row = tuple[int, list[Any]]  # (position in the chunk, converted values)
+# The accepted shapes. Dates and date-times are the ISO 8601 forms SQLite's date functions
+# and PostgreSQL both read; the rest of ISO 8601 (week dates, basic format) is refused.
+_INT: Final = r"[+-]?[0-9]+"
+_DECIMAL: Final = r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
+_DATE: Final = r"[0-9]{4}-[0-9]{2}-[0-9]{2}"
+_DATETIME: Final = (
+    _DATE + r"(?:[T ][0-9]{2}:[0-9]{2}(?::[0-9]{2}(?:\.[0-9]{1,6})?)?(?:Z|[+-][0-9]{2}:[0-9]{2})?)?"
+)
+_BOOL: Final = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+_BOOL_ANY_CASE: Final = {
+    variant: value
+    for text, value in _BOOL.items()
+    for variant in (text, text.title(), text.upper())
+}
+
+Row = tuple[int, Sequence[Any]]  # (position in the chunk, the values of `_Plan.columns`)
 
 
 # --- values --------------------------------------------------------------------------------
@@ -67,7 +82,7 @@ def _show(raw: str) -> str:
 
 
 def _parse_int(text: str) -> int:
-    if _INT_RE.fullmatch(text) is None:
+    if re.fullmatch(_INT, text) is None:
         raise _CellError(f"not an integer: {_show(text)}")
     value = int(text) if len(text) <= 21 else 1 << 63  # int() refuses 4300+ digits
     if not -(1 << 63) <= value < 1 << 63:
@@ -76,41 +91,41 @@ def _parse_int(text: str) -> int:
 
 
 def _parse_bool(text: str) -> bool:
-    lowered = text.lower()
-    if lowered in _TRUE:
-        return True
-    if lowered in _FALSE:
-        return False
-    raise _CellError(f"not a boolean (true/false, 1/0, yes/no): {_show(text)}")
+    value = _BOOL.get(text.lower())
+    if value is None:
+        raise _CellError(f"not a boolean (true/false, 1/0, yes/no): {_show(text)}")
+    return value
 
 
 def _parse_date(text: str) -> str:
     try:
+        if re.fullmatch(_DATE, text) is None:
+            raise ValueError
         return date.fromisoformat(text).isoformat()
     except ValueError:
         raise _CellError(f"not an ISO date (YYYY-MM-DD): {_show(text)}") from None
 
 
 def _parse_datetime(text: str) -> str:
-    """ISO 8601, stored in UTC; a value without an offset is taken as UTC."""
+    """Kept as written: a value without an offset is UTC (the PostgreSQL session is UTC)."""
     try:
-        value = datetime.fromisoformat(text)
-        value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-    except (ValueError, OverflowError):
+        if re.fullmatch(_DATETIME, text) is None:
+            raise ValueError
+        datetime.fromisoformat(text)
+    except ValueError:
         raise _CellError(f"not an ISO 8601 date-time: {_show(text)}") from None
-    return value.isoformat()
+    return text
 
 
 def _decimal_parser(precision: int | None, scale: int | None) -> Callable[[str], str]:
     """Plain decimal notation, kept exact as text (no float ever sees it, no rounding)."""
 
     def parse(text: str) -> str:
-        if _DECIMAL_RE.fullmatch(text) is None:
+        if re.fullmatch(_DECIMAL, text) is None:
             raise _CellError(f"not a decimal number: {_show(text)}")
         if precision is not None:
             whole, _, fraction = text.lstrip("+-").partition(".")
-            places = len(fraction.rstrip("0"))
-            if places > (scale or 0):
+            if len(fraction.rstrip("0")) > (scale or 0):
                 raise _CellError(f"more than {scale or 0} decimal places: {_show(text)}")
             if len(whole.lstrip("0")) > precision - (scale or 0):
                 digits = precision - (scale or 0)
@@ -120,21 +135,16 @@ def _decimal_parser(precision: int | None, scale: int | None) -> Callable[[str],
     return parse
 
 
-_PARSERS: Final[dict[str, Callable[[str], Any]]] = {
-    "int": _parse_int,
-    "bool": _parse_bool,
-    "date": _parse_date,
-    "datetime": _parse_datetime,
-}
-
-
 def _converter(column: CsvColumn, *, required: bool) -> Callable[[str], Any]:
-    """One column's check and conversion: an empty value is NULL (or `required`)."""
-    parse = (
-        _decimal_parser(column.precision, column.scale)
-        if column.type == "decimal"
-        else _PARSERS.get(column.type)
-    )
+    """One value's checks and conversion: an empty value is NULL (or `required`)."""
+    parse: Callable[[str], Any] | None = {
+        "str": None,
+        "int": _parse_int,
+        "decimal": _decimal_parser(column.precision, column.scale),
+        "bool": _parse_bool,
+        "date": _parse_date,
+        "datetime": _parse_datetime,
+    }[column.type]
     strip = column.type != "str"
     max_length = column.max_length
     match = re.compile(column.pattern).fullmatch if column.pattern is not None else None
@@ -157,130 +167,234 @@ def _converter(column: CsvColumn, *, required: bool) -> Callable[[str], Any]:
     return convert
 
 
+def _all_shaped(line: str) -> Callable[[Sequence[str]], bool]:
+    """Whether every value has the shape: one regex over the joined column, in C."""
+    column = re.compile(f"(?:{line})(?:\n(?:{line}))*")
+
+    def check(values: Sequence[str]) -> bool:
+        joined = "\n".join(values)
+        # a value holding a line break would pass as two: count them
+        return column.fullmatch(joined) is not None and joined.count("\n") == len(values) - 1
+
+    return check
+
+
+def _canonical_decimal(column: CsvColumn) -> str:
+    """The decimals `_decimal_parser` returns unchanged, within the column's digits."""
+    if column.precision is None:
+        return r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?"
+    scale = column.scale or 0
+    whole = column.precision - scale
+    integer = f"(?:0|[1-9][0-9]{{0,{whole - 1}}})" if whole > 0 else "0"
+    return "-?" + integer + (f"(?:\\.[0-9]{{1,{scale}}})?" if scale else "")
+
+
+def _consume(parse: Callable[[str], object]) -> Callable[[Sequence[str]], Sequence[Any]]:
+    def check(values: Sequence[str]) -> Sequence[str]:
+        deque(map(parse, values), maxlen=0)  # raises on the first invalid value
+        return values
+
+    return check
+
+
+def _fast_path(column: CsvColumn) -> Callable[[Sequence[str]], Sequence[Any] | None]:
+    """A whole column of a chunk at C speed; None sends it through `_converter` value by value.
+
+    It accepts only values `_converter` accepts, and converts them to the same values.
+    """
+    shape = {
+        "str": None,
+        "int": _all_shaped(r"[+-]?[0-9]{1,18}"),  # 18 digits always fit in 64 bits
+        "decimal": _all_shaped(_canonical_decimal(column)),
+        "bool": None,
+        "date": _all_shaped(_DATE),
+        "datetime": _all_shaped(_DATETIME),
+    }[column.type]
+    convert: Callable[[Sequence[str]], Sequence[Any]] = {
+        "str": lambda values: values,
+        "int": lambda values: list(map(int, values)),
+        "decimal": lambda values: values,
+        "bool": lambda values: list(map(_BOOL_ANY_CASE.__getitem__, values)),
+        "date": _consume(date.fromisoformat),
+        "datetime": _consume(datetime.fromisoformat),
+    }[column.type]
+    checks: list[Callable[[Sequence[str]], bool]] = []
+    if column.max_length is not None:
+        limit = column.max_length
+        checks.append(lambda values: max(map(len, values)) <= limit)
+    if column.pattern is not None:
+        match = re.compile(column.pattern).fullmatch
+        checks.append(lambda values: all(map(match, values)))
+    if column.choices is not None:
+        checks.append(frozenset(column.choices).issuperset)
+
+    def fast(values: Sequence[str]) -> Sequence[Any] | None:
+        if shape is not None and not shape(values):
+            return None
+        if not all(check(values) for check in checks):
+            return None
+        try:
+            return convert(values)
+        except (ValueError, KeyError):
+            return None
+
+    return fast
+
+
+@dataclass
+class _Cell:
+    """One target column fed by one input column."""
+
+    index: int  # in the input row
+    name: str
+    one: Callable[[str], Any]
+    fast: Callable[[Sequence[str]], Sequence[Any] | None]
+    required: bool
+
+    def column(self, values: Sequence[str]) -> Sequence[Any] | None:
+        if "" in values:
+            if self.required:
+                return None
+            present = [v for v in values if v]
+            converted = self.fast(present) if present else []
+            if converted is None:
+                return None
+            it = iter(converted)
+            return [next(it) if v else None for v in values]
+        return self.fast(values)
+
+
 # --- reading -------------------------------------------------------------------------------
 
 
-class _TooLong(Exception):
-    """A record grew past `_MAX_RECORD` characters (e.g. a file without line breaks)."""
+class _RawLines:
+    """The source's physical lines again, read forward on demand: the text of a record the
+    CSV parser could not read goes to the pending file as it was. Requests come in line
+    order, so one extra pass at most, and only for files with unreadable records."""
+
+    def __init__(self, path: Path, encoding: str) -> None:
+        self._path, self._encoding = path, encoding
+        self._file: TextIO | None = None
+        self._number = 0
+
+    def text(self, first: int, last: int) -> str:
+        if self._file is None:
+            self._file = open(  # closed by close()
+                self._path, encoding=self._encoding, errors="surrogateescape", newline=""
+            )
+        readline, kept, size = self._file.readline, list[str](), 0
+        while self._number < last and (line := readline(_MAX_LINE)):
+            self._number += 1
+            if self._number >= first and size < _KEEP_RAW:
+                kept.append(line)
+                size += len(line)
+        text = "".join(kept)
+        return text.rstrip("\r\n") if len(text) <= _KEEP_RAW else text[:_KEEP_RAW]
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
 
 
-class _Lines:
-    """The file's physical lines for `csv.reader`: counted, bounded, checked, remembered.
-
-    A class, not a generator: an exception raised here reaches the caller of the reader
-    and leaves both usable (the reader starts a fresh record on its next call).
-    """
-
-    def __init__(self, text: TextIO, *, check_decoding: bool) -> None:
-        self._readline = text.readline
-        self._text = text
-        self._check = check_decoding
-        self.number = 0
-        self.raw: list[str] = []
-        self.size = 0
-        self.undecodable = False
-
-    def start_record(self) -> None:
-        self.raw = []
-        self.size = 0
-        self.undecodable = False
-
-    def __iter__(self) -> _Lines:
-        return self
-
-    def __next__(self) -> str:
-        line = self._readline(_MAX_RECORD - self.size + 1)
-        if not line:
-            raise StopIteration
-        self.number += 1
-        self.size += len(line)
-        if self.size > _MAX_RECORD:
-            self.raw.append(line[:_KEEP_RAW])
-            if line[-1] not in "\r\n":  # drop the rest of this line, a piece at a time
-                while (rest := self._readline(_MAX_RECORD)) and rest[-1] not in "\r\n":
-                    pass
-            raise _TooLong
-        if self._check and not line.isascii():
-            try:
-                line.encode("utf-8")
-            except UnicodeEncodeError:  # lone surrogates: bytes the encoding could not decode
-                self.undecodable = True
-        self.raw.append(line)
-        return line
-
-
-Record = tuple[int, list[str], str | None]  # (first line, fields, why it is malformed)
+Record = tuple[int, list[str], str | None]  # (first line, fields, why it is unreadable)
 
 
 class _Source:
-    """One pass over the CSV: the header, then the non-blank records with their first line."""
+    """One pass over the CSV: the header, then chunks of non-blank records.
+
+    `csv.reader` pulls lines straight from `readline` (no Python code per line), at most
+    `_MAX_LINE` characters at a time: a file without line breaks cannot fill the memory.
+    """
 
     def __init__(
         self, path: Path, settings: CsvSqlImporterSettings, encoding: str, *, check_decoding: bool
     ) -> None:
         self.encoding = encoding
-        self._file = open(
+        self._check = check_decoding
+        self._file = open(  # closed on __exit__
             path, encoding=encoding, errors="surrogateescape", newline="", buffering=1 << 20
         )
-        self.lines = _Lines(self._file, check_decoding=check_decoding)
+        lines = iter(functools.partial(self._file.readline, _MAX_LINE), "")
         self._reader = csv.reader(
-            self.lines, delimiter=settings.delimiter, quotechar=settings.quotechar, strict=True
+            lines, delimiter=settings.delimiter, quotechar=settings.quotechar, strict=True
         )
+        self._raw = _RawLines(path, encoding)
         self.width = 0
-
-    def close(self) -> None:
-        self._file.close()
 
     def __enter__(self) -> _Source:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.close()
+        self._file.close()
+        self._raw.close()
 
-    def _next(self) -> Record | None:
-        lines = self.lines
-        lines.start_record()
-        first = lines.number + 1
-        try:
-            fields = next(self._reader)
-        except StopIteration:
-            return None
-        except csv.Error as e:
-            reason = str(e)
-            if reason == "unexpected end of data":
-                reason = "unterminated quoted field (it runs to the end of the file)"
-            return first, [_raw_text(lines.raw)], f"malformed CSV: {reason}"
-        except _TooLong:
-            return first, [_raw_text(lines.raw)], f"record longer than {_MAX_RECORD} characters"
-        if lines.undecodable:
-            return first, fields, f"bytes that are not valid {self.encoding}"
-        return first, fields, None
+    def _unreadable(self, first: int, error: csv.Error) -> Record:
+        reason = str(error)
+        if reason == "unexpected end of data":
+            reason = "unterminated quoted field (it runs to the end of the file)"
+        raw = self._raw.text(first, self._reader.line_num)
+        return first, [raw], f"malformed CSV: {reason}"
 
     def header(self) -> list[str]:
         """The first non-blank record, stripped; `Reject` when there is none or it is broken."""
-        while (record := self._next()) is not None:
-            line, fields, problem = record
-            if problem is not None:
-                raise Reject(f"line {line}: the header is unreadable: {problem}")
+        while True:
+            first = self._reader.line_num + 1
+            try:
+                fields = next(self._reader)
+            except StopIteration:
+                raise Reject("empty file: no header") from None
+            except csv.Error as e:
+                raise Reject(f"line {first}: the header is unreadable: {e}") from None
+            if self._check and _undecodable(fields):
+                raise Reject(f"line {first}: the header has bytes that are not {self.encoding}")
             if any(name.strip() for name in fields):
                 self.width = len(fields)
                 return [name.strip() for name in fields]
-        raise Reject("empty file: no header")
 
-    def records(self) -> Iterator[Record]:
-        """The records after the header; blank lines are skipped and not counted."""
-        width = self.width
-        while (record := self._next()) is not None:
-            fields = record[1]
-            if len(fields) != width and record[2] is None:
-                if not fields or (len(fields) == 1 and width > 1 and not fields[0].strip()):
-                    continue
-            yield record
+    def read(self, size: int) -> list[Record]:
+        """Up to `size` records after the header; blank lines are skipped and not counted."""
+        records: list[Record] = []
+        reader, width = self._reader, self.width
+        line = reader.line_num
+        while len(records) < size:
+            try:
+                fields = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as e:
+                records.append(self._unreadable(line + 1, e))
+                line = reader.line_num
+                continue
+            first, line = line + 1, reader.line_num
+            if len(fields) != width and (
+                not fields or (len(fields) == 1 and width > 1 and not fields[0].strip())
+            ):
+                continue
+            records.append((first, fields, None))
+        if self._check and _undecodable(itertools.chain.from_iterable(r[1] for r in records)):
+            records = [
+                (first, fields, f"bytes that are not valid {self.encoding}")
+                if problem is None and _undecodable(fields)
+                else (first, fields, problem)
+                for first, fields, problem in records
+            ]
+        return records
+
+    def __iter__(self) -> Iterator[Record]:
+        while records := self.read(1000):
+            yield from records
 
 
-def _raw_text(lines: list[str]) -> str:
-    text = "".join(lines)
-    return text.rstrip("\r\n") if len(text) <= _KEEP_RAW else text[:_KEEP_RAW]
+def _undecodable(texts: Iterable[str]) -> bool:
+    """Whether there are lone surrogates: the bytes `surrogateescape` kept undecoded."""
+    joined = "".join(texts)
+    if joined.isascii():
+        return False
+    try:
+        joined.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _choose_encoding(path: Path, settings: CsvSqlImporterSettings) -> tuple[str, bool]:
@@ -316,23 +430,35 @@ class _Plan:
     width: int  # fields in an input row
     columns: list[str]  # target columns fed by this file, in the configured order
     key: list[int]  # positions of the key columns in `columns`
-    cells: list[tuple[int, str, Callable[[str], Any]]]
+    cells: list[_Cell]
     drop: int | None  # position of an input `import_error` column
     ignored: list[str] = field(default_factory=list)
 
-    def validate(self, fields: list[str]) -> tuple[list[Any] | None, str | None]:
+    def validate(self, rows: list[list[str]]) -> tuple[list[Sequence[Any]], dict[int, str]]:
+        """The rows' values, and the reasons of those that fail (by position)."""
+        if not rows:
+            return [], {}
+        inputs = list(zip(*rows, strict=True))
+        columns: list[Sequence[Any]] = []
+        problems: dict[int, list[str]] = {}
+        for cell in self.cells:
+            values = cell.column(inputs[cell.index])
+            if values is None:
+                values = self._one_by_one(cell, inputs[cell.index], problems)
+            columns.append(values)
+        converted: list[Sequence[Any]] = list(zip(*columns, strict=True)) or [()] * len(rows)
+        return converted, {n: "; ".join(reasons) for n, reasons in problems.items()}
+
+    @staticmethod
+    def _one_by_one(cell: _Cell, raw: Sequence[str], problems: dict[int, list[str]]) -> list[Any]:
         values: list[Any] = []
-        problems: list[str] | None = None
-        for index, name, convert in self.cells:
+        for n, text in enumerate(raw):
             try:
-                values.append(convert(fields[index]))
+                values.append(cell.one(text))
             except _CellError as e:
-                if problems is None:
-                    problems = []
-                problems.append(f"{name}: {e}")
-        if problems is not None:
-            return None, "; ".join(problems)
-        return values, None
+                values.append(None)
+                problems.setdefault(n, []).append(f"{cell.name}: {e}")
+        return values
 
     def finished_row(self, fields: list[str]) -> list[str]:
         drop = self.drop
@@ -367,10 +493,13 @@ def _plan(settings: CsvSqlImporterSettings, header: list[str]) -> _Plan:
     if missing:
         raise Reject(f"the header has no column for {', '.join(missing)} (header: {header!r})")
     used = settings.key if settings.mode == "remove" else [c for c in settings.columns if c in fed]
-    cells = [
-        (fed[name], name, _converter(settings.columns[name], required=_required(settings, name)))
-        for name in used
-    ]
+    if not used:
+        raise Reject(f"the header feeds no column of the table (header: {header!r})")
+    cells = []
+    for name in used:
+        column, required = settings.columns[name], _required(settings, name)
+        one = _converter(column, required=required)
+        cells.append(_Cell(fed[name], name, one, _fast_path(column), required))
     return _Plan(
         header=[name for index, name in enumerate(header) if index != drop],
         width=len(header),
@@ -415,7 +544,7 @@ class _Outputs:
         self._encoding = encoding
         self._backfill = backfill
         self._files: list[TextIO] = []
-        self._finished: Any = None  # csv writers (the type is private to the csv module)
+        self._finished: Any = None  # csv writers (their type is private to the csv module)
         self._pending: Any = None
         self.first_errors: list[str] = []
         for path in (self.finished, self.pending):
@@ -424,6 +553,10 @@ class _Outputs:
     def good(self, fields: list[str]) -> None:
         if self._finished is not None:
             self._finished.writerow(self._plan.finished_row(fields))
+
+    def good_many(self, rows: Iterable[list[str]]) -> None:
+        if self._finished is not None:
+            self._finished.writerows(map(self._plan.finished_row, rows))
 
     def bad(self, line: int, fields: list[str], message: str) -> None:
         if self._pending is None:
@@ -444,7 +577,9 @@ class _Outputs:
             self._finished.writerow(self._plan.finished_row(fields))
 
     def _open(self, path: Path) -> Any:
-        f = open(_part(path), "w", encoding=self._encoding, errors="surrogateescape", newline="")
+        f = open(  # closed by close() or discard()
+            _part(path), "w", encoding=self._encoding, errors="surrogateescape", newline=""
+        )
         self._files.append(f)
         settings = self._settings
         return csv.writer(f, delimiter=settings.delimiter, quotechar=settings.quotechar)
@@ -462,8 +597,6 @@ class _Outputs:
             return None
         if finished:
             os.replace(_part(self.finished), self.finished)
-        else:
-            _part(self.finished).unlink(missing_ok=True)
         os.replace(_part(self.pending), self.pending)
         fd = os.open(self.out_dir, os.O_RDONLY)
         try:
@@ -473,6 +606,7 @@ class _Outputs:
         return self.pending
 
     def discard(self) -> None:
+        """Remove what was not published (after a failure, or an unwanted finished file)."""
         for f in self._files:
             f.close()
         for path in (self.finished, self.pending):
@@ -487,8 +621,13 @@ def _part(path: Path) -> Path:
 
 
 def _q(name: str) -> str:
-    """A quoted SQL identifier (names are also checked to be plain identifiers by settings)."""
+    """A quoted SQL identifier (settings also check names are plain identifiers)."""
     return '"' + name.replace('"', '""') + '"'
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 @dataclass(frozen=True)
@@ -499,32 +638,24 @@ class _Recorded:
     finished_at: str
 
 
-@dataclass(frozen=True)
-class _Statements:
-    """The set-wise SQL applying one staged chunk in the configured mode."""
-
-    errors: str | None  # positions of staged rows that fail on the table's content
-    reason: str
-    apply: list[str]
-
-
 class _Backend:
     """The SQL of one import; subclasses bring the driver (sqlite3, psycopg)."""
 
-    stage: str
-    param: str
-    now: str
+    param: ClassVar[str]
+    now: ClassVar[str]
     types: ClassVar[dict[str, str]]
     row_errors: tuple[type[Exception], ...]
+    unique_errors: tuple[type[Exception], ...]
 
     def __init__(self, settings: CsvSqlImporterSettings) -> None:
         self.settings = settings
+        self.mode = settings.mode
         self.table = _q(settings.table)
-        self.statements = _Statements(None, "", [])
-        self.key: list[int] = []
         self.columns: list[str] = []
+        self.key: list[int] = []
+        self._streamed: list[list[Row]] = []
 
-    # driver primitives
+    # the driver
     def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         raise NotImplementedError
 
@@ -543,14 +674,25 @@ class _Backend:
     def is_transient(self, error: BaseException) -> bool:
         raise NotImplementedError
 
+    def table_exists(self, name: str) -> bool:
+        raise NotImplementedError
+
     def column_names(self) -> list[str] | None:
         """The target table's columns, or None when it does not exist."""
         raise NotImplementedError
 
-    def _create_stage(self, columns: list[str]) -> None:
+    def unique_keys(self) -> list[set[str]]:
+        """The column sets of the target's primary key and full unique indexes."""
         raise NotImplementedError
 
-    def _load_stage(self, rows: list[Row]) -> None:
+    def _prepare_writes(self) -> None:
+        raise NotImplementedError
+
+    def _write(self, rows: list[Row]) -> dict[int, str]:
+        """Apply rows in order; the keys not found (update, remove) by position.
+
+        Raises one of `row_errors` when the database refuses any of them.
+        """
         raise NotImplementedError
 
     def record_errors(self, job_id: str, errors: list[tuple[int, str]]) -> None:
@@ -559,20 +701,18 @@ class _Backend:
     def recorded_errors(self, job_id: str) -> Generator[tuple[int, str], None, None]:
         raise NotImplementedError
 
-    # shared SQL
-    def table_exists(self, name: str) -> bool:
-        raise NotImplementedError
-
+    # the SQL both share
     def ddl(self) -> list[tuple[str, str]]:
         """(table, CREATE statement) for the bookkeeping tables and, if asked, the target."""
         big, ts = self.types["int"], self.types["datetime"]
         statements = [
             ("filedock_imports", "CREATE TABLE filedock_imports (job_id TEXT PRIMARY KEY,"
-            " route TEXT NOT NULL, table_name TEXT NOT NULL, sha256 TEXT NOT NULL,"
-            f" encoding TEXT NOT NULL, rows_imported {big} NOT NULL, rows_failed {big} NOT NULL,"
-            f" rows_total {big} NOT NULL, finished_at {ts} NOT NULL)"),
-            ("filedock_import_errors", "CREATE TABLE filedock_import_errors (job_id TEXT NOT NULL,"
-            f" line {big} NOT NULL, error TEXT NOT NULL, PRIMARY KEY (job_id, line))"),
+             " route TEXT NOT NULL, table_name TEXT NOT NULL, sha256 TEXT NOT NULL,"
+             f" encoding TEXT NOT NULL, rows_imported {big} NOT NULL, rows_failed {big} NOT NULL,"
+             f" rows_total {big} NOT NULL, finished_at {ts} NOT NULL)"),
+            ("filedock_import_errors", "CREATE TABLE filedock_import_errors"
+             f" (job_id TEXT NOT NULL, line {big} NOT NULL, error TEXT NOT NULL,"
+             " PRIMARY KEY (job_id, line))"),
         ]  # fmt: skip
         if self.settings.create_table:
             statements.append((self.settings.table, self._create_table()))
@@ -626,108 +766,87 @@ class _Backend:
         )  # fmt: skip
 
     def start(self, plan: _Plan) -> None:
-        """Check the table has the file's columns, create the staging table, build the SQL."""
+        """Check the table can take the file's columns in this mode; prepare the writes."""
+        name = self.settings.table
         existing = self.column_names()
         if existing is None:
-            raise Reject(
-                f"table {self.settings.table!r} does not exist"
-                " (create it, or set create_table: true)"
-            )
+            raise Reject(f"table {name!r} does not exist (create it, or set create_table: true)")
         missing = [c for c in plan.columns if c not in existing]
         if missing:
-            raise Reject(f"table {self.settings.table!r} has no column {', '.join(missing)}")
-        self.columns, self.key = plan.columns, plan.key
-        self._create_stage(plan.columns)
-        self.statements = self._statements(plan.columns)
-
-    def _statements(self, columns: list[str]) -> _Statements:
-        t, s, mode = self.table, self.stage, self.settings.mode
-        keys = ", ".join(_q(k) for k in self.settings.key)
-        match = " AND ".join(f"t.{_q(k)} = s.{_q(k)}" for k in self.settings.key)
-        cols = ", ".join(_q(c) for c in columns)
-        s_cols = ", ".join(f"s.{_q(c)}" for c in columns)
-        exists = f"SELECT s._n FROM {s} s WHERE EXISTS (SELECT 1 FROM {t} t WHERE {match})"
-        absent = exists.replace("WHERE EXISTS", "WHERE NOT EXISTS")
-        later = (
-            f"SELECT d._n FROM (SELECT _n, row_number() OVER (PARTITION BY {keys} ORDER BY _n)"
-            f" AS rn FROM {s}) d WHERE d.rn > 1"
-        )
-        earlier = later.replace("ORDER BY _n)", "ORDER BY _n DESC)")
-        keep_last = f"DELETE FROM {s} WHERE _n IN ({earlier})"
-        insert = f"INSERT INTO {t} ({cols}) SELECT {s_cols} FROM {s} s"
-        sets = ", ".join(f"{_q(c)} = s.{_q(c)}" for c in columns if c not in self.settings.key)
-        update = [f"UPDATE {t} AS t SET {sets} FROM {s} AS s WHERE {match}"] if sets else []
-        if mode == "create" and not keys:
-            return _Statements(None, "", [f"{insert} ORDER BY s._n"])
-        if mode == "create":
-            return _Statements(
-                f"{exists} UNION {later}", "already exists", [f"{insert} ORDER BY s._n"]
+            raise Reject(f"table {name!r} has no column {', '.join(missing)}")
+        key = set(self.settings.key)
+        if key and self.mode in ("create", "upsert") and key not in self.unique_keys():
+            raise Reject(
+                f"table {name!r} needs a primary key or unique index on exactly"
+                f" ({', '.join(self.settings.key)}) for mode {self.mode}"
             )
-        if mode == "upsert":
-            new = f"{insert} WHERE NOT EXISTS (SELECT 1 FROM {t} t WHERE {match}) ORDER BY s._n"
-            return _Statements(None, "", [keep_last, *update, new])
-        if mode == "update":
-            return _Statements(absent, "not found", [keep_last, *update])
-        remove = f"DELETE FROM {t} WHERE ({keys}) IN (SELECT {keys} FROM {s})"
-        return _Statements(f"{absent} UNION {later}", "not found", [remove])
+        self.columns, self.key = plan.columns, plan.key
+        self._prepare_writes()
+
+    window: int = 1  # chunks streamed before the database's verdict is awaited
+
+    def stream(self, rows: list[Row]) -> None:
+        """Send a chunk; its verdict comes from the next `settle`."""
+        self._streamed.append(rows)
+
+    def settle(self) -> list[dict[int, str]]:
+        """The failed rows of each chunk streamed since the last call, in order."""
+        parts, self._streamed = self._streamed, []
+        return [self.apply(rows) for rows in parts]
 
     def apply(self, rows: list[Row]) -> dict[int, str]:
-        """Apply a chunk; the failed rows' positions and reasons.
+        """Apply a chunk in one go; the failed rows' reasons by position.
 
-        Set-wise first; when the database refuses the chunk (a constraint the settings do
-        not know, a value out of a column's range), row by row to find the culprits.
+        When the database refuses the chunk (a duplicate key, a constraint the settings do
+        not know), halve it until the refused rows stand alone: a few refusals cost a few
+        more statements, not one statement per row.
         """
-        self.execute("SAVEPOINT filedock_chunk")
-        try:
-            errors = self._apply(rows)
-        except self.row_errors:
-            self.execute("ROLLBACK TO SAVEPOINT filedock_chunk")
-            errors = {}
-            for row in rows:
-                self.execute("SAVEPOINT filedock_row")
-                try:
-                    errors.update(self._apply([row]))
-                except self.row_errors as e:
-                    self.execute("ROLLBACK TO SAVEPOINT filedock_row")
-                    errors[row[0]] = f"refused by the database: {_first_line(e)}"
-                self.execute("RELEASE SAVEPOINT filedock_row")
-        self.execute("RELEASE SAVEPOINT filedock_chunk")
-        return errors
-
-    def _apply(self, rows: list[Row]) -> dict[int, str]:
-        self._load_stage(rows)
         errors: dict[int, str] = {}
-        statements = self.statements
-        if statements.errors is not None:
-            found = self.execute(statements.errors)
-            if found:
-                values = dict(rows)
-                for (n,) in found:
-                    errors[n] = f"key {self._key_text(values[n])} {statements.reason}"
-                self.execute(f"DELETE FROM {self.stage} WHERE _n IN ({statements.errors})")
-        for statement in statements.apply:
-            self.execute(statement)
+        pending = [rows]
+        while pending:
+            part = pending.pop()
+            self.execute("SAVEPOINT filedock_chunk")
+            try:
+                errors.update(self._write(part))
+            except self.row_errors as e:
+                self.execute("ROLLBACK TO SAVEPOINT filedock_chunk")
+                self.execute("RELEASE SAVEPOINT filedock_chunk")
+                if len(part) == 1:
+                    errors[part[0][0]] = self._refusal(e, part[0][1])
+                else:  # the first half goes first: rows keep their order
+                    half = len(part) // 2
+                    pending += [part[half:], part[:half]]
+                continue
+            self.execute("RELEASE SAVEPOINT filedock_chunk")
         return errors
 
-    def _key_text(self, values: list[Any]) -> str:
+    def _refusal(self, error: Exception, values: Sequence[Any]) -> str:
+        if isinstance(error, self.unique_errors) and self.mode == "create" and self.key:
+            match = " AND ".join(f"{_q(self.columns[i])} = {self.param}" for i in self.key)
+            found = self.execute(
+                f"SELECT 1 FROM {self.table} WHERE {match}", [values[i] for i in self.key]
+            )
+            if found:
+                return f"key {self._key_text(values)} already exists"
+        return f"refused by the database: {_first_line(error)}"
+
+    def _key_text(self, values: Sequence[Any]) -> str:
         return ", ".join(f"{self.columns[i]}={values[i]!r}" for i in self.key)
 
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    def _not_found(self, rows: list[Row], found: set[int]) -> dict[int, str]:
+        return {n: f"key {self._key_text(v)} not found" for n, v in rows if n not in found}
 
 
 class _SqliteBackend(_Backend):
-    stage = "temp.filedock_stage"
     param = "?"
     now = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
-    # decimals, dates and times are text: exact, and ISO text sorts in time order
+    # decimals are text: exact (a NUMERIC column would turn them into floats)
     types: ClassVar[dict[str, str]] = {
         "str": "TEXT", "int": "INTEGER", "decimal": "TEXT",
         "bool": "INTEGER", "date": "TEXT", "datetime": "TEXT",
     }  # fmt: skip
     row_errors = (sqlite3.IntegrityError, sqlite3.DataError)
+    unique_errors = (sqlite3.IntegrityError,)
     _TRANSIENT: Final = ("locked", "busy", "unable to open", "disk i/o", "full")
 
     def __init__(self, settings: CsvSqlImporterSettings) -> None:
@@ -737,7 +856,7 @@ class _SqliteBackend(_Backend):
             self.conn = sqlite3.connect(path, timeout=_SQLITE_BUSY_S, isolation_level=None)
         except sqlite3.OperationalError as e:
             raise Retry(f"cannot open {path}: {e}") from e
-        self.conn.execute("PRAGMA temp_store = MEMORY")
+        self._sql = ""
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         return self.conn.execute(sql, params).fetchall()
@@ -766,23 +885,51 @@ class _SqliteBackend(_Backend):
         return bool(self.execute(sql, (name,)))
 
     def column_names(self) -> list[str] | None:
-        try:
-            cursor = self.conn.execute(f"SELECT * FROM main.{self.table} WHERE 0")
-        except sqlite3.OperationalError as e:
-            if "no such table" in str(e):
-                return None
-            raise
-        return [d[0] for d in cursor.description]
+        rows = self.execute(f"PRAGMA main.table_info({self.table})")
+        return [row[1] for row in rows] if rows else None
 
-    def _create_stage(self, columns: list[str]) -> None:
-        cols = "".join(f", {_q(c)}" for c in columns)
-        self.execute(f"CREATE TEMP TABLE filedock_stage (_n INTEGER PRIMARY KEY{cols})")
-        marks = ", ".join("?" * (len(columns) + 1))
-        self._insert = f"INSERT INTO {self.stage} VALUES ({marks})"
+    def unique_keys(self) -> list[set[str]]:
+        info = self.execute(f"PRAGMA main.table_info({self.table})")
+        keys = [{row[1] for row in info if row[5]}]
+        for _, index, unique, _, partial in self.execute(f"PRAGMA main.index_list({self.table})"):
+            if unique and not partial:
+                keys.append({row[2] for row in self.execute(f"PRAGMA index_info({_q(index)})")})
+        return keys
 
-    def _load_stage(self, rows: list[Row]) -> None:
-        self.conn.execute(f"DELETE FROM {self.stage}")
-        self.conn.executemany(self._insert, [(n, *values) for n, values in rows])
+    def _prepare_writes(self) -> None:
+        # numbered parameters: every statement takes the values in `columns` order
+        cols = [_q(c) for c in self.columns]
+        at = {c: f"?{i}" for i, c in enumerate(self.columns, 1)}
+        where = " AND ".join(f"{_q(self.columns[i])} = {at[self.columns[i]]}" for i in self.key)
+        sets = [f"{_q(c)} = {at[c]}" for c in self.columns if c not in self.settings.key]
+        insert = f"INSERT INTO {self.table} ({', '.join(cols)}) VALUES ({', '.join(at.values())})"
+        if self.mode == "create":
+            self._sql = insert
+        elif self.mode == "upsert":
+            keys = ", ".join(_q(k) for k in self.settings.key)
+            action = f"DO UPDATE SET {', '.join(sets)}" if sets else "DO NOTHING"
+            self._sql = f"{insert} ON CONFLICT ({keys}) {action}"
+        elif self.mode == "update":
+            self._sql = (
+                f"UPDATE {self.table} SET {', '.join(sets)} WHERE {where}"
+                if sets
+                else f"SELECT count(*) FROM {self.table} WHERE {where}"
+            )
+        else:
+            self._sql = f"DELETE FROM {self.table} WHERE {where}"
+
+    def _write(self, rows: list[Row]) -> dict[int, str]:
+        if self.mode in ("create", "upsert"):
+            self.conn.executemany(self._sql, [values for _, values in rows])
+            return {}
+        # update and remove: a statement per row, to know which keys were not found
+        execute, found = self.conn.execute, set()
+        counting = self._sql.startswith("SELECT")
+        for n, values in rows:
+            cursor = execute(self._sql, values)
+            if (cursor.fetchone()[0] if counting else cursor.rowcount) > 0:
+                found.add(n)
+        return self._not_found(rows, found)
 
     def record_errors(self, job_id: str, errors: list[tuple[int, str]]) -> None:
         self.conn.executemany(
@@ -800,13 +947,13 @@ class _SqliteBackend(_Backend):
 
 
 class _PostgresBackend(_Backend):
-    stage = "pg_temp.filedock_stage"
     param = "%s"
     now = "now()"
     types: ClassVar[dict[str, str]] = {
         "str": "TEXT", "int": "BIGINT", "decimal": "NUMERIC",
         "bool": "BOOLEAN", "date": "DATE", "datetime": "TIMESTAMPTZ",
     }  # fmt: skip
+    _STAGE: Final = "pg_temp.filedock_stage"
 
     def __init__(self, settings: CsvSqlImporterSettings) -> None:
         super().__init__(settings)
@@ -814,12 +961,22 @@ class _PostgresBackend(_Backend):
 
         self._pg: ModuleType = psycopg
         self.row_errors = (psycopg.IntegrityError, psycopg.DataError)
+        self.unique_errors = (psycopg.errors.UniqueViolation,)
         try:
             self.conn: psycopg.Connection[tuple[Any, ...]] = psycopg.connect(
                 settings.database_url, connect_timeout=_PG_CONNECT_TIMEOUT_S
             )
         except psycopg.OperationalError as e:
             raise Retry(f"cannot connect to the database: {_first_line(e)}") from e
+        # a date-time without an offset is UTC, as in SQLite's date functions
+        self.conn.execute(b"SET TIME ZONE 'UTC'")
+        self.conn.commit()
+        self._copy = b""
+        self._statement = b""
+        self.window = max(1, _PG_WINDOW_ROWS // settings.chunk_rows)
+        self._window: contextlib.ExitStack | None = None
+        self._copier: Any = None
+        self._refused = False
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         cursor = self.conn.execute(sql.encode(), params or None)
@@ -861,30 +1018,104 @@ class _PostgresBackend(_Backend):
         return bool(self.execute("SELECT to_regclass(%s) IS NOT NULL", (_q(name),))[0][0])
 
     def column_names(self) -> list[str] | None:
-        self.execute("SAVEPOINT filedock_probe")
-        try:
-            cursor = self.conn.execute(f"SELECT * FROM {self.table} WHERE false".encode())
-        except self._pg.errors.UndefinedTable:
-            self.execute("ROLLBACK TO SAVEPOINT filedock_probe")
+        if not self.table_exists(self.settings.table):
             return None
-        self.execute("RELEASE SAVEPOINT filedock_probe")
+        cursor = self.conn.execute(f"SELECT * FROM {self.table} WHERE false".encode())
         return [d.name for d in cursor.description or ()]
 
-    def _create_stage(self, columns: list[str]) -> None:
-        # The target's own column types: COPY parses the values as the table would.
-        cols = ", ".join(_q(c) for c in columns)
+    def unique_keys(self) -> list[set[str]]:
+        rows = self.execute(
+            "SELECT array_agg(a.attname::text) FROM pg_index i JOIN pg_attribute a"
+            " ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)"
+            " WHERE i.indrelid = to_regclass(%s) AND i.indisunique AND i.indpred IS NULL"
+            " GROUP BY i.indexrelid",
+            (self.table,),
+        )
+        return [set(columns) for (columns,) in rows]
+
+    def _prepare_writes(self) -> None:
+        cols = ", ".join(_q(c) for c in self.columns)
+        if self.mode == "create":
+            self._copy = f"COPY {self.table} ({cols}) FROM STDIN".encode()
+            return
+        # the other modes go through a staging table with the target's own column types
         self.execute(
             f"CREATE TEMP TABLE filedock_stage ON COMMIT DROP AS"
             f" SELECT {cols} FROM {self.table} WITH NO DATA"
         )
-        self.execute(f"ALTER TABLE {self.stage} ADD COLUMN _n integer")
-        self._copy = f"COPY {self.stage} (_n, {cols}) FROM STDIN".encode()
+        self.execute(f"ALTER TABLE {self._STAGE} ADD COLUMN _n integer")
+        self._copy = f"COPY {self._STAGE} (_n, {cols}) FROM STDIN".encode()
+        keys = ", ".join(_q(k) for k in self.settings.key)
+        match = " AND ".join(f"t.{_q(k)} = s.{_q(k)}" for k in self.settings.key)
+        others = [c for c in self.columns if c not in self.settings.key]
+        sets = ", ".join(f"{_q(c)} = s.{_q(c)}" for c in others)
+        stage, t = self._STAGE, self.table
+        if self.mode == "upsert":
+            excluded = ", ".join(f"{_q(c)} = EXCLUDED.{_q(c)}" for c in others)
+            action = f"DO UPDATE SET {excluded}" if others else "DO NOTHING"
+            sql = (
+                f"INSERT INTO {t} ({cols}) SELECT {cols} FROM {stage} ORDER BY _n"
+                f" ON CONFLICT ({keys}) {action}"
+            )
+        elif self.mode == "update" and sets:
+            sql = f"UPDATE {t} AS t SET {sets} FROM {stage} AS s WHERE {match} RETURNING s._n"
+        elif self.mode == "update":
+            sql = f"SELECT s._n FROM {stage} s WHERE EXISTS (SELECT 1 FROM {t} t WHERE {match})"
+        else:
+            sql = f"DELETE FROM {t} AS t USING {stage} AS s WHERE {match} RETURNING s._n"
+        self._statement = sql.encode()
 
-    def _load_stage(self, rows: list[Row]) -> None:
-        self.execute(f"TRUNCATE {self.stage}")
-        with self.conn.cursor().copy(self._copy) as copy:
-            for n, values in rows:
-                copy.write_row((n, *values))
+    def stream(self, rows: list[Row]) -> None:
+        """In mode create, one COPY carries a window of chunks: the server works on them
+        while the next ones are read and checked, as a plain COPY of the file would."""
+        super().stream(rows)
+        if self.mode != "create" or self._refused:
+            return
+        try:
+            if self._window is None:
+                self.execute("SAVEPOINT filedock_window")
+                self._window = contextlib.ExitStack()
+                self._copier = self._window.enter_context(self.conn.cursor().copy(self._copy))
+            for _, values in rows:
+                self._copier.write_row(values)
+        except self.row_errors:
+            self._refused = True
+
+    def settle(self) -> list[dict[int, str]]:
+        if self.mode != "create":
+            return super().settle()
+        refused, self._refused = self._refused, False
+        if self._window is not None:
+            window, self._window = self._window, None
+            try:
+                window.close()  # ends the COPY: the server's verdict on the whole window
+            except self.row_errors:
+                refused = True
+            if not refused:
+                self.execute("RELEASE SAVEPOINT filedock_window")
+                parts, self._streamed = self._streamed, []
+                return [{} for _ in parts]
+            self.execute("ROLLBACK TO SAVEPOINT filedock_window")
+            self.execute("RELEASE SAVEPOINT filedock_window")
+        return super().settle()  # chunk by chunk, halving the refused ones
+
+    def _write(self, rows: list[Row]) -> dict[int, str]:
+        if self.mode == "create":
+            with self.conn.cursor().copy(self._copy) as copy:
+                for _, values in rows:
+                    copy.write_row(values)
+            return {}
+        # set-wise statements see a key once: rows repeating a key go in a later batch
+        errors: dict[int, str] = {}
+        for batch in _distinct_batches(rows, self.key):
+            self.conn.execute(f"TRUNCATE {self._STAGE}".encode())
+            with self.conn.cursor().copy(self._copy) as copy:
+                for n, values in batch:
+                    copy.write_row((n, *values))
+            cursor = self.conn.execute(self._statement)
+            if self.mode != "upsert":
+                errors.update(self._not_found(batch, {n for (n,) in cursor.fetchall()}))
+        return errors
 
     def record_errors(self, job_id: str, errors: list[tuple[int, str]]) -> None:
         if not errors:
@@ -905,6 +1136,21 @@ class _PostgresBackend(_Backend):
                 yield int(line), str(message)
 
 
+def _distinct_batches(rows: list[Row], key: list[int]) -> Iterator[list[Row]]:
+    """Consecutive runs of rows in which no key repeats."""
+    batch: list[Row] = []
+    seen: set[tuple[Any, ...]] = set()
+    for row in rows:
+        k = tuple(row[1][i] for i in key)
+        if k in seen:
+            yield batch
+            batch, seen = [], set()
+        seen.add(k)
+        batch.append(row)
+    if batch:
+        yield batch
+
+
 def _connect(settings: CsvSqlImporterSettings) -> _Backend:
     if settings.database_url.startswith("sqlite:///"):
         return _SqliteBackend(settings)
@@ -912,6 +1158,15 @@ def _connect(settings: CsvSqlImporterSettings) -> _Backend:
 
 
 # --- one import ------------------------------------------------------------------------------
+
+
+@dataclass
+class _Checked:
+    """A chunk after validation: the rows to write, and the reasons of those that failed."""
+
+    chunk: list[Record]
+    rows: list[Row]  # (position in the chunk, values)
+    invalid: dict[int, str]  # position in the chunk -> reason
 
 
 @dataclass
@@ -952,7 +1207,7 @@ class _Run:
     def _backfill(self, before: int) -> Iterator[list[str]]:
         with self._source() as again:
             again.header()
-            for line, fields, _ in again.records():
+            for line, fields, _ in again:
                 if line >= before:
                     return
                 yield fields
@@ -967,7 +1222,16 @@ class _Run:
             backend.rollback()
             return self._replay(backend, source, plan, outputs, recorded)
         backend.start(plan)
-        self._import(backend, source, plan, outputs)
+        window: list[_Checked] = []
+        while chunk := source.read(self.settings.chunk_rows):
+            window.append(checked := self._check(plan, chunk))
+            backend.stream(checked.rows)
+            if len(window) >= backend.window:
+                self._settle(backend, outputs, window)
+                window = []
+                self.checkpoint()
+        if window:
+            self._settle(backend, outputs, window)
         if self.imported == 0 and self.failed > 0:
             backend.rollback()
             outputs.close()
@@ -982,44 +1246,46 @@ class _Run:
         backend.commit()
         return self._result(outputs, plan, outputs.publish(), replayed=None)
 
-    def _import(self, backend: _Backend, source: _Source, plan: _Plan, outputs: _Outputs) -> None:
-        chunk: list[tuple[int, list[str], list[Any] | None, str | None]] = []
-        width, size = plan.width, self.settings.chunk_rows
-        for line, fields, problem in source.records():
-            values = None
-            if problem is None:
-                if len(fields) != width:
-                    problem = f"expected {width} fields, found {len(fields)}"
-                else:
-                    values, problem = plan.validate(fields)
-            chunk.append((line, fields, values, problem))
-            if len(chunk) >= size:
-                self._flush(backend, outputs, chunk)
-                chunk = []
-                self.checkpoint()
-        if chunk:
-            self._flush(backend, outputs, chunk)
-
-    def _flush(
-        self,
-        backend: _Backend,
-        outputs: _Outputs,
-        chunk: list[tuple[int, list[str], list[Any] | None, str | None]],
-    ) -> None:
-        rows = [(n, values) for n, (_, _, values, _) in enumerate(chunk) if values is not None]
-        refused = backend.apply(rows) if rows else {}
-        errors: list[tuple[int, str]] = []
-        for n, (line, fields, _, problem) in enumerate(chunk):
-            problem = problem or refused.get(n)
-            if problem is None:
-                self.imported += 1
-                outputs.good(fields)
+    def _check(self, plan: _Plan, chunk: list[Record]) -> _Checked:
+        width = plan.width
+        invalid: dict[int, str] = {}
+        whole: list[int] = []
+        for n, (_, fields, problem) in enumerate(chunk):
+            if problem is not None:
+                invalid[n] = problem
+            elif len(fields) != width:
+                invalid[n] = f"expected {width} fields, found {len(fields)}"
             else:
-                self.failed += 1
-                message = f"line {line}: {problem}"
+                whole.append(n)
+        if not invalid:  # the common case: no Python work per row
+            values, failed = plan.validate([fields for _, fields, _ in chunk])
+            rows = list(enumerate(values))
+        else:
+            values, failed = plan.validate([chunk[n][1] for n in whole])
+            rows = [(n, values[i]) for i, n in enumerate(whole)]
+        if failed:
+            invalid.update((rows[i][0], reason) for i, reason in failed.items())
+            rows = [row for i, row in enumerate(rows) if i not in failed]
+        return _Checked(chunk, rows, invalid)
+
+    def _settle(self, backend: _Backend, outputs: _Outputs, window: list[_Checked]) -> None:
+        for checked, refused in zip(window, backend.settle(), strict=True):
+            failed = checked.invalid | refused
+            if not failed:
+                self.imported += len(checked.chunk)
+                outputs.good_many(record[1] for record in checked.chunk)
+                continue
+            errors: list[tuple[int, str]] = []
+            for n, (line, fields, _) in enumerate(checked.chunk):
+                if n not in failed:
+                    outputs.good(fields)
+                    continue
+                message = f"line {line}: {failed[n]}"
                 outputs.bad(line, fields, message)
                 errors.append((line, message))
-        backend.record_errors(self.job.id, errors)
+            self.imported += len(checked.chunk) - len(errors)
+            self.failed += len(errors)
+            backend.record_errors(self.job.id, errors)
 
     def _replay(
         self,
@@ -1035,14 +1301,14 @@ class _Run:
         if recorded.rows_failed:
             with contextlib.closing(backend.recorded_errors(self.job.id)) as errors:
                 failing = next(errors, None)
-                for n, (line, fields, _) in enumerate(source.records(), 1):
-                    if failing is not None and failing[0] == line:
-                        outputs.bad(line, fields, failing[1])
-                        failing = next(errors, None)
-                    else:
-                        outputs.good(fields)
-                    if n % self.settings.chunk_rows == 0:
-                        self.checkpoint()
+                while chunk := source.read(self.settings.chunk_rows):
+                    for line, fields, _ in chunk:
+                        if failing is not None and failing[0] == line:
+                            outputs.bad(line, fields, failing[1])
+                            failing = next(errors, None)
+                        else:
+                            outputs.good(fields)
+                    self.checkpoint()
             outputs.close()
             pending = outputs.publish()
         return self._result(outputs, plan, pending, replayed=recorded.finished_at)
@@ -1110,7 +1376,7 @@ class CsvSqlImporter:
         self._limiter = limiter
 
     async def __call__(self, job: ImportJob) -> Result:
-        """Import the job's CSV; cancelling (e.g. the caller's timeout) rolls back at a chunk."""
+        """Import the job's CSV; a cancellation (the caller's timeout) rolls back at a chunk."""
         run = _Run(self.settings, job, anyio.from_thread.check_cancelled)
         return await anyio.to_thread.run_sync(run, limiter=self._limiter)
 

@@ -119,7 +119,10 @@ def check_fields(fields: Mapping[str, Any]) -> None:
 class Ledger(Protocol):
     """The operations the pipeline, recovery and the CLI need; one backend per URL scheme.
 
-    Every write is durable when its coroutine returns.
+    A write has committed when its coroutine returns, and survives a crash of the
+    process. `insert` is also durable against power loss (a claim's row must be on
+    disk before its rename); a backend may let other writes reach the disk later,
+    since each follows a durable filesystem step that recovery reconciles from.
     """
 
     url: str
@@ -141,6 +144,9 @@ class Ledger(Protocol):
 
         Returns whether a row was changed.
         """
+
+    async def update_many(self, changes: Sequence[tuple[str, Mapping[str, Any]]]) -> None:
+        """Set columns of several jobs in one transaction (batched transitions)."""
 
     async def delete(self, job_ids: Sequence[str]) -> None: ...
 

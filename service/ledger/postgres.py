@@ -114,6 +114,10 @@ class PostgresLedger:
     # -- lifecycle -----------------------------------------------------------------
 
     async def open(self) -> None:
+        # The schema first, on a connection of its own: a wrong URL or a missing
+        # database fails at once with the server's own words, not a pool timeout.
+        async with await self._connect() as conn:
+            await self._migrate(conn)
         pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = AsyncConnectionPool(
             self.url,
             min_size=self._min_size,
@@ -121,7 +125,7 @@ class PostgresLedger:
             open=False,
             name="filedock-ledger",
             timeout=self._timeout_s,
-            kwargs={"autocommit": True, "connect_timeout": max(1, round(self._timeout_s))},
+            kwargs={"autocommit": True, "connect_timeout": self._connect_timeout},
             configure=_durable_commits,
             # A connection broken by a server restart is replaced before use, so the
             # ledger comes back by itself once the database does.
@@ -129,8 +133,6 @@ class PostgresLedger:
         )
         try:
             await pool.open(wait=True, timeout=self._timeout_s)
-            async with pool.connection() as conn:
-                await self._migrate(conn)
         except BaseException:
             await pool.close()
             raise
@@ -140,6 +142,17 @@ class PostgresLedger:
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()
+
+    @property
+    def _connect_timeout(self) -> int:
+        return max(2, round(self._timeout_s))  # libpq's unit is whole seconds, at least 2
+
+    async def _connect(self) -> psycopg.AsyncConnection[Any]:
+        conn = await psycopg.AsyncConnection.connect(
+            self.url, autocommit=True, connect_timeout=self._connect_timeout
+        )
+        await _durable_commits(conn)
+        return conn
 
     async def _migrate(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """Create or upgrade the schema; replicas starting together take turns on a lock."""
@@ -195,9 +208,7 @@ class PostgresLedger:
         replica never blocks the others. Never waits: a replica that does not get the
         lock simply skips the work this time.
         """
-        conn = await psycopg.AsyncConnection.connect(
-            self.url, autocommit=True, connect_timeout=max(1, round(self._timeout_s))
-        )
+        conn = await self._connect()
         try:
             cur = await conn.execute(f"SELECT pg_try_advisory_lock({_LOCK_KEY})", (key,))
             row = await cur.fetchone()
@@ -241,6 +252,17 @@ class PostgresLedger:
             query += sql.SQL(" AND state = %s")
             params.append(expect_state)
         return await self._execute(query, params) > 0
+
+    async def update_many(self, changes: Sequence[tuple[str, Mapping[str, Any]]]) -> None:
+        if not changes:
+            return
+        async with self._connection() as conn, conn.transaction(), conn.cursor() as cur:
+            for job_id, fields in changes:
+                check_fields(fields)
+                query = sql.SQL("UPDATE jobs SET {} WHERE id = %s").format(
+                    sql.SQL(", ").join(sql.SQL("{} = %s").format(sql.Identifier(k)) for k in fields)
+                )
+                await cur.execute(query, [_param(k, v) for k, v in fields.items()] + [job_id])
 
     async def delete(self, job_ids: Sequence[str]) -> None:
         if job_ids:

@@ -1,17 +1,26 @@
-"""The embedded SQLite ledger: WAL, durable commits, one writer thread with group commit.
+"""The embedded SQLite ledger: WAL, one writer thread with group commit.
 
 Every operation is queued to a single thread that owns the connection. The thread
 takes everything queued, runs it in one transaction (each operation under its own
-savepoint, so one failure does not undo the others) and commits once: many jobs'
-transitions share one fsync. A caller's coroutine returns only after the commit.
+savepoint, so one failure does not undo the others) and commits once. A caller's
+coroutine returns only after the commit.
+
+Durability follows the protocol's ordering rather than fsyncing every commit
+(PERF-NOTES.md): WAL with `synchronous=NORMAL` survives any crash of the process;
+against power loss, the claim's row (`insert`) must be on disk before the claim
+rename, so a batch holding an insert fsyncs the WAL before its callers resume.
+Later transitions follow durable filesystem steps (the archive, the move to
+failed/) that recovery reconciles from, so they need no fsync of their own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -29,6 +38,7 @@ __all__ = ["SqliteLedger"]
 
 T = TypeVar("T")
 _Op = Callable[[sqlite3.Connection], Any]
+_Item = tuple[_Op, "asyncio.Future[Any]", bool]  # operation, its caller, needs an fsync
 _MAX_BATCH = 512
 
 _SCHEMA = """
@@ -88,7 +98,7 @@ class SqliteLedger:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.url = f"sqlite:///{path}"
-        self._queue: queue.SimpleQueue[tuple[_Op, asyncio.Future[Any]] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -102,7 +112,15 @@ class SqliteLedger:
             target=self._run, args=(ready,), name="filedock-ledger", daemon=True
         )
         self._thread.start()
-        await ready
+        try:
+            await ready
+        except asyncio.CancelledError:
+            self._queue.put(None)  # the thread stops, closing its connection, once connected
+            self._thread = None
+            raise
+        except BaseException:
+            self._thread = None  # the thread has ended: close() must not queue a stop for it
+            raise
 
     async def close(self) -> None:
         if self._thread is None:
@@ -112,23 +130,46 @@ class SqliteLedger:
         await asyncio.get_running_loop().run_in_executor(None, thread.join)
 
     def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        # Two processes opening a new file at once (the service and a CLI command) can
+        # get SQLITE_BUSY where SQLite skips the busy handler to avoid a deadlock
+        # (switching to WAL): start over until the other one is done.
+        deadline = time.monotonic() + 10.0
+        while True:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            try:
+                self._prepare(conn)
+            except sqlite3.OperationalError as e:
+                conn.close()
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+                continue
+            except BaseException:
+                conn.close()
+                raise
+            return conn
+
+    def _prepare(self, conn: sqlite3.Connection) -> None:
         conn.row_factory = sqlite3.Row
-        conn.execute("PRAGMA journal_mode=WAL")
-        # FULL: a commit is on disk when it returns; group commit keeps the cost to
-        # one fsync per batch of transitions.
-        conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA busy_timeout=5000")
-        conn.executescript(_SCHEMA)
-        version = conn.execute("SELECT version FROM filedock_schema").fetchone()
-        if version is None:
-            conn.execute("INSERT INTO filedock_schema (version) VALUES (?)", (SCHEMA_VERSION,))
-        elif version[0] > SCHEMA_VERSION:
-            raise RuntimeError(
-                f"{self.path} has ledger schema {version[0]}, newer than this filedock "
-                f"({SCHEMA_VERSION}): upgrade filedock"
-            )
-        return conn
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        # Schema and version in one write transaction, so that two processes creating
+        # the file together do not both insert a version.
+        conn.executescript("BEGIN IMMEDIATE;" + _SCHEMA)
+        try:
+            version = conn.execute("SELECT version FROM filedock_schema").fetchone()
+            if version is None:
+                conn.execute("INSERT INTO filedock_schema (version) VALUES (?)", (SCHEMA_VERSION,))
+            elif version[0] > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"{self.path} has ledger schema {version[0]}, newer than this filedock "
+                    f"({SCHEMA_VERSION}): upgrade filedock"
+                )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
 
     def _run(self, ready: asyncio.Future[None]) -> None:
         assert self._loop is not None
@@ -136,9 +177,9 @@ class SqliteLedger:
         try:
             conn = self._connect()
         except BaseException as e:  # report any failure to open, then stop the thread
-            loop.call_soon_threadsafe(_settle, ready, None, e)
+            _notify(loop, _settle, ready, None, e)
             return
-        loop.call_soon_threadsafe(_settle, ready, None, None)
+        _notify(loop, _settle, ready, None, None)
         try:
             self._serve(conn, loop)
         finally:
@@ -148,7 +189,7 @@ class SqliteLedger:
         stop = False
         while not stop:
             item = self._queue.get()
-            batch: list[tuple[_Op, asyncio.Future[Any]]] = []
+            batch: list[_Item] = []
             while item is not None:
                 batch.append(item)
                 if len(batch) >= _MAX_BATCH:
@@ -161,16 +202,15 @@ class SqliteLedger:
                 stop = True
             if batch:
                 results = self._run_batch(conn, batch)
-                loop.call_soon_threadsafe(_settle_all, results)
+                _notify(loop, _settle_all, results)
 
-    @staticmethod
     def _run_batch(
-        conn: sqlite3.Connection, batch: list[tuple[_Op, asyncio.Future[Any]]]
+        self, conn: sqlite3.Connection, batch: list[_Item]
     ) -> list[tuple[asyncio.Future[Any], Any, BaseException | None]]:
         results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for op, fut in batch:
+            for op, fut, _ in batch:
                 conn.execute("SAVEPOINT op")
                 try:
                     value = op(conn)
@@ -181,17 +221,26 @@ class SqliteLedger:
                     results.append((fut, value, None))
                 conn.execute("RELEASE op")
             conn.execute("COMMIT")
-        except sqlite3.Error as e:
+            if any(durable for _, _, durable in batch):
+                self._fsync_wal()
+        except (sqlite3.Error, OSError) as e:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            return [(fut, None, e) for _, fut in batch]
+            return [(fut, None, e) for _, fut, _ in batch]
         return results
 
-    async def _call(self, op: Callable[[sqlite3.Connection], T]) -> T:
+    def _fsync_wal(self) -> None:
+        fd = os.open(f"{self.path}-wal", os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    async def _call(self, op: Callable[[sqlite3.Connection], T], *, durable: bool = False) -> T:
         if self._thread is None or self._loop is None:
             raise RuntimeError("the ledger is not open")
         fut: asyncio.Future[T] = self._loop.create_future()
-        self._queue.put((op, fut))
+        self._queue.put((op, fut, durable))
         return await fut
 
     # -- operations ----------------------------------------------------------------
@@ -204,7 +253,7 @@ class SqliteLedger:
             return
         sql = f"INSERT INTO jobs ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
         rows = [_record_values(r) for r in records]
-        await self._call(lambda c: c.executemany(sql, rows))
+        await self._call(lambda c: c.executemany(sql, rows), durable=True)
 
     async def update(
         self, job_id: str, fields: Mapping[str, Any], *, expect_state: str | None = None
@@ -218,6 +267,20 @@ class SqliteLedger:
             params.append(expect_state)
         changed: int = await self._call(lambda c: c.execute(sql, params).rowcount)
         return changed > 0
+
+    async def update_many(self, changes: Sequence[tuple[str, Mapping[str, Any]]]) -> None:
+        statements = []
+        for job_id, fields in changes:
+            check_fields(fields)
+            sql = f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ?"
+            statements.append((sql, [_encode(k, v) for k, v in fields.items()] + [job_id]))
+
+        def op(c: sqlite3.Connection) -> None:
+            for sql, params in statements:
+                c.execute(sql, params)
+
+        if statements:
+            await self._call(op)
 
     async def delete(self, job_ids: Sequence[str]) -> None:
         ids = [(i,) for i in job_ids]
@@ -332,6 +395,13 @@ class SqliteLedger:
             ).fetchall()
         )
         return [_row_to_record(r) for r in rows]
+
+
+def _notify(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *args: Any) -> None:
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:
+        pass  # the event loop has closed: nobody is waiting for the answer any more
 
 
 def _settle(fut: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
