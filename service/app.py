@@ -64,6 +64,7 @@ class App:
         self._tg: TaskGroup | None = None
         self.http_port: int | None = None
         self.ready = anyio.Event()
+        self._lock_fd: int | None = None
 
     # -- signals (plain callables: tests call them directly) ---------------------------
 
@@ -94,12 +95,14 @@ class App:
         probe_same_filesystem(s.folder("transfer"), s.folder("proc"))
         url = s.effective_ledger_url
         if url.startswith("sqlite:///"):
-            fstype = filesystem_type(Path(url.removeprefix("sqlite:///")).parent)
+            db = Path(url.removeprefix("sqlite:///"))
+            fstype = filesystem_type(db.parent)
             if fstype in NETWORK_FILESYSTEMS or fstype.startswith("fuse"):
                 raise StartupError(
                     f"the SQLite ledger is on a network filesystem ({fstype}): SQLite's locking "
                     "does not work there. Use a PostgreSQL ledger (ledger_url: postgresql://...)"
                 )
+            self._lock_fd = _lock_single_replica(db)
 
     async def run(self) -> int:
         s = self.settings
@@ -149,11 +152,14 @@ class App:
                 )
                 log.info("serving HTTP", extra={"host": s.http.host, "port": self.http_port})
             tg.start_soon(self._tick, health)
-            report = await Recovery(s, ledger, m, router).run()
+            recovery = Recovery(s, ledger, m, router)
+            report = await recovery.run()
             health.recovery_done = True
             await pipeline.run_stages(tg)
             tg.start_soon(self._resume_all, pipeline, report.resume)
             tg.start_soon(pipeline.run_heartbeat)
+            if not self.once:
+                tg.start_soon(self._take_over, recovery, pipeline)
             tg.start_soon(self._gauges, pipeline, discovery, ledger, health)
             self._start_reaper(tg, ledger)
             self.ready.set()
@@ -215,6 +221,19 @@ class App:
                 extra={"in_flight": len(pipeline.active)},
             )
 
+    async def _take_over(self, recovery: Recovery, pipeline: Pipeline) -> None:
+        """Resume the jobs of replicas that died, once their lease has expired."""
+        while True:
+            await anyio.sleep(self.settings.lease_s / 2)
+            try:
+                jobs = await recovery.take_over(set(pipeline.active))
+            except Exception as e:
+                self.metrics.ledger_errors.inc()
+                log.error("lease take-over failed", extra={"error": repr(e)[:300]})
+                continue
+            for job in jobs:
+                await pipeline.resume(job)
+
     async def _tick(self, health: Health) -> None:
         while True:
             health.loop_tick = time.monotonic()
@@ -256,6 +275,26 @@ class App:
     def _start_reaper(self, tg: TaskGroup, ledger: Ledger) -> None:
         if not self.once:
             tg.start_soon(Reaper(self.settings, ledger, self.metrics).run_forever)
+
+
+def _lock_single_replica(db: Path) -> int:
+    """Hold an exclusive lock for as long as the process runs: one service per SQLite ledger.
+
+    The kernel drops the lock when the process dies, however it dies.
+    """
+    import fcntl
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(db.with_name(db.name + ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StartupError(
+            f"another filedock is already running with the SQLite ledger {db}: several "
+            "replicas must share a PostgreSQL ledger (ledger_url: postgresql://...)"
+        ) from None
+    return fd
 
 
 def _redact(url: str) -> str:

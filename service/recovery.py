@@ -84,6 +84,20 @@ class Recovery:
             log.info("recovery finished", extra={"actions": report.actions})
         return report
 
+    async def take_over(self, active: set[str], *, now: float | None = None) -> list[JobRecord]:
+        """While running: jobs whose lease expired (their replica died), to resume here.
+
+        Jobs this process holds in memory are left alone.
+        """
+        now = time.time() if now is None else now
+        report = RecoveryReport()
+        for job in await self.ledger.take_orphans(
+            now, self.settings.replica_id, self.settings.lease_s, include_own=False
+        ):
+            if job.id not in active:
+                await self._orphan(job, report, now)
+        return report.resume
+
     # -- jobs the ledger knows ---------------------------------------------------------
 
     def _payload(self, job: JobRecord) -> bytes:

@@ -19,6 +19,7 @@ import contextlib
 import csv
 import functools
 import itertools
+import operator
 import os
 import re
 import sqlite3
@@ -434,20 +435,23 @@ class _Plan:
     drop: int | None  # position of an input `import_error` column
     ignored: list[str] = field(default_factory=list)
 
-    def validate(self, rows: list[list[str]]) -> tuple[list[Sequence[Any]], dict[int, str]]:
-        """The rows' values, and the reasons of those that fail (by position)."""
+    def validate(self, rows: list[list[str]]) -> tuple[list[Sequence[Any]], dict[int, str], bool]:
+        """The rows' values, the reasons of those that fail (by position), and whether every
+        value was in its canonical form (then the raw text says the same as the values)."""
         if not rows:
-            return [], {}
+            return [], {}, True
         inputs = list(zip(*rows, strict=True))
         columns: list[Sequence[Any]] = []
         problems: dict[int, list[str]] = {}
+        canonical = True
         for cell in self.cells:
             values = cell.column(inputs[cell.index])
             if values is None:
+                canonical = False
                 values = self._one_by_one(cell, inputs[cell.index], problems)
             columns.append(values)
         converted: list[Sequence[Any]] = list(zip(*columns, strict=True)) or [()] * len(rows)
-        return converted, {n: "; ".join(reasons) for n, reasons in problems.items()}
+        return converted, {n: "; ".join(reasons) for n, reasons in problems.items()}, canonical
 
     @staticmethod
     def _one_by_one(cell: _Cell, raw: Sequence[str], problems: dict[int, list[str]]) -> list[Any]:
@@ -685,7 +689,7 @@ class _Backend:
         """The column sets of the target's primary key and full unique indexes."""
         raise NotImplementedError
 
-    def _prepare_writes(self) -> None:
+    def _prepare_writes(self, plan: _Plan) -> None:
         raise NotImplementedError
 
     def _write(self, rows: list[Row]) -> dict[int, str]:
@@ -781,12 +785,16 @@ class _Backend:
                 f" ({', '.join(self.settings.key)}) for mode {self.mode}"
             )
         self.columns, self.key = plan.columns, plan.key
-        self._prepare_writes()
+        self._prepare_writes(plan)
 
     window: int = 1  # chunks streamed before the database's verdict is awaited
 
-    def stream(self, rows: list[Row]) -> None:
-        """Send a chunk; its verdict comes from the next `settle`."""
+    def stream(self, rows: list[Row], raw: list[list[str]] | None) -> None:
+        """Send a chunk; its verdict comes from the next `settle`.
+
+        `raw`, when given, is each row's input fields: every value was in its canonical
+        form, so the text itself can go to the database.
+        """
         self._streamed.append(rows)
 
     def settle(self) -> list[dict[int, str]]:
@@ -896,7 +904,7 @@ class _SqliteBackend(_Backend):
                 keys.append({row[2] for row in self.execute(f"PRAGMA index_info({_q(index)})")})
         return keys
 
-    def _prepare_writes(self) -> None:
+    def _prepare_writes(self, plan: _Plan) -> None:
         # numbered parameters: every statement takes the values in `columns` order
         cols = [_q(c) for c in self.columns]
         at = {c: f"?{i}" for i, c in enumerate(self.columns, 1)}
@@ -974,6 +982,7 @@ class _PostgresBackend(_Backend):
         self._copy = b""
         self._statement = b""
         self.window = max(1, _PG_WINDOW_ROWS // settings.chunk_rows)
+        self._pick: Callable[[list[str]], tuple[str, ...]] = lambda fields: ()
         self._window: contextlib.ExitStack | None = None
         self._copier: Any = None
         self._refused = False
@@ -1033,8 +1042,12 @@ class _PostgresBackend(_Backend):
         )
         return [set(columns) for (columns,) in rows]
 
-    def _prepare_writes(self) -> None:
+    def _prepare_writes(self, plan: _Plan) -> None:
         cols = ", ".join(_q(c) for c in self.columns)
+        indexes = [cell.index for cell in plan.cells]
+        self._pick = lambda fields: tuple(fields[i] for i in indexes)
+        if len(indexes) > 1:  # itemgetter: the same in C
+            self._pick = operator.itemgetter(*indexes)
         if self.mode == "create":
             self._copy = f"COPY {self.table} ({cols}) FROM STDIN".encode()
             return
@@ -1065,21 +1078,36 @@ class _PostgresBackend(_Backend):
             sql = f"DELETE FROM {t} AS t USING {stage} AS s WHERE {match} RETURNING s._n"
         self._statement = sql.encode()
 
-    def stream(self, rows: list[Row]) -> None:
+    def stream(self, rows: list[Row], raw: list[list[str]] | None) -> None:
         """In mode create, one COPY carries a window of chunks: the server works on them
-        while the next ones are read and checked, as a plain COPY of the file would."""
-        super().stream(rows)
+        while the next ones are read and checked, as a plain COPY of the file would. The
+        rows go as COPY text, joined in C when the input text can go as it is."""
+        super().stream(rows, raw)
         if self.mode != "create" or self._refused:
             return
+        text = self._raw_text(rows, raw) if raw is not None else None
         try:
             if self._window is None:
                 self.execute("SAVEPOINT filedock_window")
                 self._window = contextlib.ExitStack()
-                self._copier = self._window.enter_context(self.conn.cursor().copy(self._copy))
-            for _, values in rows:
-                self._copier.write_row(values)
+                copy = f"{self._copy.decode()} WITH (NULL '')".encode()
+                self._copier = self._window.enter_context(self.conn.cursor().copy(copy))
+            self._copier.write(text if text is not None else _copy_text(rows))
         except self.row_errors:
             self._refused = True
+
+    def _raw_text(self, rows: list[Row], raw: list[list[str]]) -> str | None:
+        """The rows' fields as COPY text (an empty field is NULL), or None if any needs
+        escaping: a backslash, a tab or a line break."""
+        if not rows:
+            return ""
+        if len(rows) != len(raw):
+            raw = [raw[i] for i, _ in enumerate(rows)]
+        picked = list(map(self._pick, raw))
+        flat = "".join(itertools.chain.from_iterable(picked))
+        if "\\" in flat or "\t" in flat or "\n" in flat or "\r" in flat:
+            return None
+        return "\n".join(map("\t".join, picked)) + "\n"
 
     def settle(self) -> list[dict[int, str]]:
         if self.mode != "create":
@@ -1136,6 +1164,22 @@ class _PostgresBackend(_Backend):
                 yield int(line), str(message)
 
 
+_COPY_ESCAPES: Final = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def _copy_text(rows: list[Row]) -> str:
+    """Values as COPY text with `NULL ''` (no value is an empty string: that is NULL)."""
+
+    def text(value: Any) -> str:
+        if value is None:
+            return ""
+        if value is True or value is False:
+            return "t" if value else "f"
+        return str(value).translate(_COPY_ESCAPES)
+
+    return "".join("\t".join(map(text, values)) + "\n" for _, values in rows)
+
+
 def _distinct_batches(rows: list[Row], key: list[int]) -> Iterator[list[Row]]:
     """Consecutive runs of rows in which no key repeats."""
     batch: list[Row] = []
@@ -1167,6 +1211,7 @@ class _Checked:
     chunk: list[Record]
     rows: list[Row]  # (position in the chunk, values)
     invalid: dict[int, str]  # position in the chunk -> reason
+    raw: list[list[str]] | None  # the rows' fields, when every value was canonical
 
 
 @dataclass
@@ -1225,7 +1270,7 @@ class _Run:
         window: list[_Checked] = []
         while chunk := source.read(self.settings.chunk_rows):
             window.append(checked := self._check(plan, chunk))
-            backend.stream(checked.rows)
+            backend.stream(checked.rows, checked.raw)
             if len(window) >= backend.window:
                 self._settle(backend, outputs, window)
                 window = []
@@ -1258,15 +1303,17 @@ class _Run:
             else:
                 whole.append(n)
         if not invalid:  # the common case: no Python work per row
-            values, failed = plan.validate([fields for _, fields, _ in chunk])
+            fields = [fields for _, fields, _ in chunk]
+            values, failed, canonical = plan.validate(fields)
             rows = list(enumerate(values))
         else:
-            values, failed = plan.validate([chunk[n][1] for n in whole])
+            fields = [chunk[n][1] for n in whole]
+            values, failed, canonical = plan.validate(fields)
             rows = [(n, values[i]) for i, n in enumerate(whole)]
         if failed:
             invalid.update((rows[i][0], reason) for i, reason in failed.items())
             rows = [row for i, row in enumerate(rows) if i not in failed]
-        return _Checked(chunk, rows, invalid)
+        return _Checked(chunk, rows, invalid, fields if canonical else None)
 
     def _settle(self, backend: _Backend, outputs: _Outputs, window: list[_Checked]) -> None:
         for checked, refused in zip(window, backend.settle(), strict=True):

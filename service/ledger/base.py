@@ -170,8 +170,11 @@ class Ledger(Protocol):
         Several replicas may call this at once: each due job goes to exactly one.
         """
 
-    async def take_orphans(self, now: float, owner: str, lease_s: float) -> list[JobRecord]:
-        """Unfinished jobs of this owner, or whose lease has expired, now owned by `owner`."""
+    async def take_orphans(
+        self, now: float, owner: str, lease_s: float, *, include_own: bool = True
+    ) -> list[JobRecord]:
+        """Unfinished jobs whose lease has expired (or that have no owner), now owned by
+        `owner`; with `include_own` (at start-up), also every job `owner` already had."""
 
     async def renew_leases(self, owner: str, until: float) -> None:
         """Extend the lease of every unfinished job `owner` holds."""

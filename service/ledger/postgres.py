@@ -257,7 +257,7 @@ class PostgresLedger:
         if not changes:
             return
         async with self._connection() as conn, conn.transaction(), conn.cursor() as cur:
-            for job_id, fields in changes:
+            for job_id, fields in sorted(changes, key=lambda c: c[0]):  # one lock order
                 check_fields(fields)
                 query = sql.SQL("UPDATE jobs SET {} WHERE id = %s").format(
                     sql.SQL(", ").join(sql.SQL("{} = %s").format(sql.Identifier(k)) for k in fields)
@@ -317,19 +317,23 @@ class PostgresLedger:
         records.sort(key=lambda r: (r.next_attempt_at or 0.0, r.id))
         return records
 
-    async def take_orphans(self, now: float, owner: str, lease_s: float) -> list[JobRecord]:
+    async def take_orphans(
+        self, now: float, owner: str, lease_s: float, *, include_own: bool = True
+    ) -> list[JobRecord]:
         rows = await self._fetch(
             """UPDATE jobs SET owner = %(owner)s, lease_expires_at = %(until)s
                FROM (SELECT id FROM jobs
                      WHERE state = ANY(%(unfinished)s)
-                       AND (owner IS NULL OR owner = %(owner)s
-                            OR lease_expires_at < %(now)s)
+                       AND ((%(own)s AND owner = %(owner)s)
+                            OR (owner IS DISTINCT FROM %(owner)s
+                                AND (owner IS NULL OR lease_expires_at < %(now)s)))
                      ORDER BY id
                      FOR UPDATE SKIP LOCKED) AS orphan
                WHERE jobs.id = orphan.id
                RETURNING jobs.*""",
             {
                 "owner": owner,
+                "own": include_own,
                 "until": float(now + lease_s),
                 "now": float(now),
                 "unfinished": _UNFINISHED,
@@ -338,8 +342,13 @@ class PostgresLedger:
         return sorted((_record(r) for r in rows), key=lambda r: r.id)
 
     async def renew_leases(self, owner: str, until: float) -> None:
+        # Rows locked right now are being updated by this replica: alive, skip them
+        # (waiting for them could deadlock against a batched update).
         await self._execute(
-            "UPDATE jobs SET lease_expires_at = %s WHERE owner = %s AND state = ANY(%s)",
+            """UPDATE jobs SET lease_expires_at = %s
+               FROM (SELECT id FROM jobs WHERE owner = %s AND state = ANY(%s)
+                     ORDER BY id FOR UPDATE SKIP LOCKED) AS mine
+               WHERE jobs.id = mine.id""",
             (float(until), owner, _UNFINISHED),
         )
 

@@ -246,7 +246,9 @@ class SqliteLedger:
     # -- operations ----------------------------------------------------------------
 
     async def ping(self) -> None:
-        await self._call(lambda c: c.execute("SELECT 1").fetchone())
+        """A real write (rolled into the batch's commit): a ledger that can no longer be
+        written (disk full, read-only, immutable) fails here, not on the next claim."""
+        await self._call(lambda c: c.execute("UPDATE filedock_schema SET version = version"))
 
     async def insert(self, records: Sequence[JobRecord]) -> None:
         if not records:
@@ -349,12 +351,16 @@ class SqliteLedger:
             )
         return records
 
-    async def take_orphans(self, now: float, owner: str, lease_s: float) -> list[JobRecord]:
+    async def take_orphans(
+        self, now: float, owner: str, lease_s: float, *, include_own: bool = True
+    ) -> list[JobRecord]:
         def op(c: sqlite3.Connection) -> list[sqlite3.Row]:
             rows = c.execute(
                 f"SELECT * FROM jobs WHERE state IN {_UNFINISHED}"
-                " AND (owner IS NULL OR owner = ? OR lease_expires_at < ?) ORDER BY id",
-                (owner, now),
+                " AND ((? AND owner = ?)"
+                "      OR (owner IS NOT ? AND (owner IS NULL OR lease_expires_at < ?)))"
+                " ORDER BY id",
+                (include_own, owner, owner, now),
             ).fetchall()
             c.executemany(
                 "UPDATE jobs SET owner = ?, lease_expires_at = ? WHERE id = ?",
