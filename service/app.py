@@ -126,7 +126,7 @@ class App:
         health = Health(
             ledger,
             m,
-            {name: s.folder(name) for name in FOLDERS},
+            {name: s.folder(name) for name in (*FOLDERS, "state")},
             s.min_free_bytes,
             discovery_alive=lambda: not discovery_done.is_set(),
         )
