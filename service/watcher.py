@@ -116,22 +116,24 @@ class Intake:
             stream.close()
 
 
-def detect_watch_mode(path: Path, configured: str) -> Literal["events", "poll", "scan"]:
+def detect_watch_mode(
+    path: Path, configured: str, *, mounts: str = "/proc/self/mounts"
+) -> Literal["events", "poll", "scan"]:
     """`auto` picks `scan` on network filesystems (inotify sees no other node's writes)."""
     if configured != "auto":
         return configured  # type: ignore[return-value]
-    fstype = filesystem_type(path)
+    fstype = filesystem_type(path, mounts=mounts)
     if fstype in NETWORK_FILESYSTEMS or fstype.startswith("fuse"):
         return "scan"
     return "events"
 
 
-def filesystem_type(path: Path) -> str:
-    """The type of the mount holding `path`, from /proc/self/mounts ("" when unknown)."""
+def filesystem_type(path: Path, *, mounts: str = "/proc/self/mounts") -> str:
+    """The type of the mount holding `path`, from the mount table ("" when unknown)."""
     target = os.path.realpath(path)
     best, best_type = "", ""
     try:
-        with open("/proc/self/mounts", encoding="utf-8", errors="replace") as f:
+        with open(mounts, encoding="utf-8", errors="replace") as f:
             for line in f:
                 parts = line.split()
                 if len(parts) < 3:

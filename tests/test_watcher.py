@@ -1,0 +1,43 @@
+"""Discovery modes: events, polling, scanning only, and `auto`'s choice by filesystem."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import FiledockTree
+
+from service.watcher import detect_watch_mode, filesystem_type
+
+
+@pytest.mark.parametrize("mode", ["events", "poll", "scan"])
+def test_each_mode_finds_files_and_says_which_it_uses(tree: FiledockTree, mode: str) -> None:
+    tree.configure(watch_mode=mode, scan_interval_s=0.5)
+    service = tree.start()
+    tree.drop("in/a.csv", b"a")
+    tree.drop("b.csv", b"b")
+    tree.wait_final(2, timeout=30)
+    started = next(line for line in service.log_lines() if line["msg"] == "discovery started")
+    assert started["mode"] == mode
+    metrics = service.get("/metrics")[1].decode()
+    assert f'filedock_watcher_mode{{mode="{mode}"}} 1.0' in metrics
+    service.stop()
+
+
+def test_auto_scans_on_network_filesystems(tmp_path: Path) -> None:
+    mounts = tmp_path / "mounts"
+    mounts.write_text(
+        "/dev/vda / ext4 rw 0 0\n"
+        "server:/export /mnt/share nfs4 rw,vers=4.1 0 0\n"
+        "//nas/drop /mnt/smb cifs rw 0 0\n"
+        "sshfs#me@host: /mnt/fuse fuse.sshfs rw 0 0\n"
+        "tmpfs /mnt/share/local tmpfs rw 0 0\n"
+    )
+    m = str(mounts)
+    assert filesystem_type(Path("/mnt/share/x/transfer"), mounts=m) == "nfs4"
+    assert detect_watch_mode(Path("/mnt/share/transfer"), "auto", mounts=m) == "scan"
+    assert detect_watch_mode(Path("/mnt/smb/in"), "auto", mounts=m) == "scan"
+    assert detect_watch_mode(Path("/mnt/fuse/in"), "auto", mounts=m) == "scan"
+    assert detect_watch_mode(Path("/mnt/share/local/in"), "auto", mounts=m) == "events"
+    assert detect_watch_mode(Path("/srv/data"), "auto", mounts=m) == "events"
+    assert detect_watch_mode(Path("/mnt/share/transfer"), "poll", mounts=m) == "poll"
