@@ -117,6 +117,13 @@ class _Server(uvicorn.Server):
     def capture_signals(self) -> Generator[None, None, None]:
         yield  # the app owns the signals (a second SIGTERM must force the exit)
 
+    async def main_loop(self) -> None:
+        # uvicorn wakes ten times a second; once is enough to refresh the Date header,
+        # and an idle service should cost next to nothing.
+        while not self.should_exit:
+            await anyio.sleep(1.0)
+            self.should_exit = await self.on_tick(0)
+
 
 async def serve_http(
     app: Starlette,
