@@ -128,8 +128,8 @@ def _vet_claimed(
         vetted = vet(job_dir + b"/" + stored_name(name), max_size=max_size, want_hash=True)
     except JobError as e:
         return ClaimResult(r.rel, r.job_id, "claimed", rejected=e)
-    os.mkdir(job_dir + b"/out")
-    if temp is not None:
+    if temp is not None:  # the importer's folders, when it needs them made for it
+        os.mkdir(job_dir + b"/out")
         os.makedirs(temp / r.job_id, exist_ok=True)
     return ClaimResult(r.rel, r.job_id, "claimed", vetted=vetted)
 

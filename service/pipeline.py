@@ -281,7 +281,7 @@ class Pipeline:
                 [(r.relative_path, r.id) for r in records],
                 companions=companion_suffixes(route),
                 max_size=route.max_size_bytes,
-                temp=self.temp,
+                temp=self.temp if _needs_dirs(route) else None,
             ),
             limiter=self.fs_threads,
         )
@@ -396,9 +396,9 @@ class Pipeline:
 
         def check() -> Vetted:
             vetted = vet(path, max_size=route.max_size_bytes, want_hash=job.sha256 is None)
-            # The importer's folders, made while we are in a worker thread anyway.
-            (self.job_dir(job) / "out").mkdir(exist_ok=True)
-            (self.temp / job.id).mkdir(exist_ok=True)
+            if _needs_dirs(route):  # made while we are in a worker thread anyway
+                (self.job_dir(job) / "out").mkdir(exist_ok=True)
+                (self.temp / job.id).mkdir(exist_ok=True)
             return vetted
 
         vetted = await anyio.to_thread.run_sync(check, limiter=self.fs_threads)
@@ -800,6 +800,13 @@ class Pipeline:
             return  # moved already (an interrupted earlier try)
         arch.set_aside(self.job_dir(job), failed_dir, doc)
         remove_tree(self.temp / job.id)
+
+
+def _needs_dirs(route: Route) -> bool:
+    """A command gets `{out_dir}` and `$TMPDIR` made for it; in-process importers make
+    them when they write there (most never do, and four metadata operations a file
+    are a fifth of the per-file cost)."""
+    return isinstance(route.importer, CommandImporterSettings)
 
 
 def order_key(route: Route, rel: bytes) -> str:

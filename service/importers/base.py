@@ -26,6 +26,8 @@ class ImportJob:
         relative_path: the path relative to `transfer/` it arrived under.
         out_dir: outputs written here are archived with the source.
         temp_dir: scratch space, wiped when the job ends.
+        (Both exist before a `command` importer runs; an in-process importer that
+        writes there creates them first: `job.out_dir.mkdir(exist_ok=True)`.)
         attempt: 1 for the first attempt.
         size: the file's size in bytes when it was claimed.
         sha256: the file's SHA-256 (hex) when it was claimed.

@@ -190,6 +190,22 @@ def _canonical_decimal(column: CsvColumn) -> str:
     return "-?" + integer + (f"(?:\\.[0-9]{{1,{scale}}})?" if scale else "")
 
 
+_NOT_INT_TEXT: Final = re.compile(r"[^0-9+-]")
+
+
+def _int_characters(values: Sequence[str]) -> bool:
+    """Only digits and signs: `int()` then checks the rest of `_INT`. This refuses what
+    `int()` takes beyond it (other digits, `1_000`), and spaces, which the rules would see."""
+    return _NOT_INT_TEXT.search("".join(values)) is None
+
+
+def _int64s(values: Sequence[str]) -> list[int]:
+    ints = list(map(int, values))
+    if ints and not (-(1 << 63) <= min(ints) and max(ints) < 1 << 63):
+        raise ValueError("outside the 64-bit range")
+    return ints
+
+
 def _consume(parse: Callable[[str], object]) -> Callable[[Sequence[str]], Sequence[Any]]:
     def check(values: Sequence[str]) -> Sequence[str]:
         deque(map(parse, values), maxlen=0)  # raises on the first invalid value
@@ -205,7 +221,7 @@ def _fast_path(column: CsvColumn) -> Callable[[Sequence[str]], Sequence[Any] | N
     """
     shape = {
         "str": None,
-        "int": _all_shaped(r"[+-]?[0-9]{1,18}"),  # 18 digits always fit in 64 bits
+        "int": _int_characters,
         "decimal": _all_shaped(_canonical_decimal(column)),
         "bool": None,
         "date": _all_shaped(_DATE),
@@ -213,7 +229,7 @@ def _fast_path(column: CsvColumn) -> Callable[[Sequence[str]], Sequence[Any] | N
     }[column.type]
     convert: Callable[[Sequence[str]], Sequence[Any]] = {
         "str": lambda values: values,
-        "int": lambda values: list(map(int, values)),
+        "int": _int64s,
         "decimal": lambda values: values,
         "bool": lambda values: list(map(_BOOL_ANY_CASE.__getitem__, values)),
         "date": _consume(date.fromisoformat),
@@ -297,7 +313,16 @@ class _RawLines:
             self._file.close()
 
 
-Record = tuple[int, list[str], str | None]  # (first line, fields, why it is unreadable)
+@dataclass
+class _Chunk:
+    """Consecutive records, column-wise: no Python object per record beyond its fields."""
+
+    lines: list[int]  # where each record starts
+    fields: list[list[str]]
+    problems: dict[int, str]  # position -> why the record is unreadable
+
+    def __len__(self) -> int:
+        return len(self.fields)
 
 
 class _Source:
@@ -329,12 +354,11 @@ class _Source:
         self._file.close()
         self._raw.close()
 
-    def _unreadable(self, first: int, error: csv.Error) -> Record:
+    def _unreadable(self, first: int, error: csv.Error) -> tuple[list[str], str]:
         reason = str(error)
         if reason == "unexpected end of data":
             reason = "unterminated quoted field (it runs to the end of the file)"
-        raw = self._raw.text(first, self._reader.line_num)
-        return first, [raw], f"malformed CSV: {reason}"
+        return [self._raw.text(first, self._reader.line_num)], f"malformed CSV: {reason}"
 
     def header(self) -> list[str]:
         """The first non-blank record, stripped; `Reject` when there is none or it is broken."""
@@ -352,18 +376,21 @@ class _Source:
                 self.width = len(fields)
                 return [name.strip() for name in fields]
 
-    def read(self, size: int) -> list[Record]:
+    def read(self, size: int) -> _Chunk:
         """Up to `size` records after the header; blank lines are skipped and not counted."""
-        records: list[Record] = []
+        chunk = _Chunk([], [], {})
+        lines, rows, problems = chunk.lines, chunk.fields, chunk.problems
         reader, width = self._reader, self.width
         line = reader.line_num
-        while len(records) < size:
+        while len(rows) < size:
             try:
                 fields = next(reader)
             except StopIteration:
                 break
             except csv.Error as e:
-                records.append(self._unreadable(line + 1, e))
+                lines.append(line + 1)
+                fields, problems[len(rows)] = self._unreadable(line + 1, e)
+                rows.append(fields)
                 line = reader.line_num
                 continue
             first, line = line + 1, reader.line_num
@@ -371,19 +398,18 @@ class _Source:
                 not fields or (len(fields) == 1 and width > 1 and not fields[0].strip())
             ):
                 continue
-            records.append((first, fields, None))
-        if self._check and _undecodable(itertools.chain.from_iterable(r[1] for r in records)):
-            records = [
-                (first, fields, f"bytes that are not valid {self.encoding}")
-                if problem is None and _undecodable(fields)
-                else (first, fields, problem)
-                for first, fields, problem in records
-            ]
-        return records
+            lines.append(first)
+            rows.append(fields)
+        if self._check and _undecodable(itertools.chain.from_iterable(rows)):
+            for n, fields in enumerate(rows):
+                if n not in problems and _undecodable(fields):
+                    problems[n] = f"bytes that are not valid {self.encoding}"
+        return chunk
 
-    def __iter__(self) -> Iterator[Record]:
-        while records := self.read(1000):
-            yield from records
+    def __iter__(self) -> Iterator[tuple[int, list[str]]]:
+        """(first line, fields) of each record."""
+        while chunk := self.read(1000):
+            yield from zip(chunk.lines, chunk.fields, strict=True)
 
 
 def _undecodable(texts: Iterable[str]) -> bool:
@@ -401,13 +427,11 @@ def _undecodable(texts: Iterable[str]) -> bool:
 def _choose_encoding(path: Path, settings: CsvSqlImporterSettings) -> tuple[str, bool]:
     """The first encoding that decodes the whole file, and whether rows still need checking.
 
-    With no fallback there is nothing to choose: undecodable bytes become row errors.
-    When every candidate fails, the first one is used, with the same row errors.
+    The file is decoded once ahead, in C, without keeping it: a clean file then needs no
+    check per row. When every candidate fails, the first one is used, and the records
+    with undecodable bytes become row errors.
     """
-    candidates = [settings.encoding, *settings.fallback_encodings]
-    if len(candidates) == 1:
-        return settings.encoding, True
-    for encoding in candidates:
+    for encoding in [settings.encoding, *settings.fallback_encodings]:
         decoder = codecs.getincrementaldecoder(encoding)()
         try:
             with open(path, "rb") as f:
@@ -436,10 +460,10 @@ class _Plan:
     ignored: list[str] = field(default_factory=list)
 
     def validate(self, rows: list[list[str]]) -> tuple[list[Sequence[Any]], dict[int, str], bool]:
-        """The rows' values, the reasons of those that fail (by position), and whether every
-        value was in its canonical form (then the raw text says the same as the values)."""
+        """The values column by column, the reasons of the rows that fail (by position), and
+        whether every value was canonical (then the raw text says the same as the values)."""
         if not rows:
-            return [], {}, True
+            return [[] for _ in self.cells], {}, True
         inputs = list(zip(*rows, strict=True))
         columns: list[Sequence[Any]] = []
         problems: dict[int, list[str]] = {}
@@ -450,8 +474,7 @@ class _Plan:
                 canonical = False
                 values = self._one_by_one(cell, inputs[cell.index], problems)
             columns.append(values)
-        converted: list[Sequence[Any]] = list(zip(*columns, strict=True)) or [()] * len(rows)
-        return converted, {n: "; ".join(reasons) for n, reasons in problems.items()}, canonical
+        return columns, {n: "; ".join(reasons) for n, reasons in problems.items()}, canonical
 
     @staticmethod
     def _one_by_one(cell: _Cell, raw: Sequence[str], problems: dict[int, list[str]]) -> list[Any]:
@@ -657,7 +680,7 @@ class _Backend:
         self.table = _q(settings.table)
         self.columns: list[str] = []
         self.key: list[int] = []
-        self._streamed: list[list[Row]] = []
+        self._streamed: list[_Checked] = []
 
     # the driver
     def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
@@ -789,18 +812,14 @@ class _Backend:
 
     window: int = 1  # chunks streamed before the database's verdict is awaited
 
-    def stream(self, rows: list[Row], raw: list[list[str]] | None) -> None:
-        """Send a chunk; its verdict comes from the next `settle`.
-
-        `raw`, when given, is each row's input fields: every value was in its canonical
-        form, so the text itself can go to the database.
-        """
-        self._streamed.append(rows)
+    def stream(self, checked: _Checked) -> None:
+        """Send a chunk's rows; their verdict comes from the next `settle`."""
+        self._streamed.append(checked)
 
     def settle(self) -> list[dict[int, str]]:
         """The failed rows of each chunk streamed since the last call, in order."""
         parts, self._streamed = self._streamed, []
-        return [self.apply(rows) for rows in parts]
+        return [self.apply(checked.rows) if checked.count else {} for checked in parts]
 
     def apply(self, rows: list[Row]) -> dict[int, str]:
         """Apply a chunk in one go; the failed rows' reasons by position.
@@ -1078,36 +1097,34 @@ class _PostgresBackend(_Backend):
             sql = f"DELETE FROM {t} AS t USING {stage} AS s WHERE {match} RETURNING s._n"
         self._statement = sql.encode()
 
-    def stream(self, rows: list[Row], raw: list[list[str]] | None) -> None:
+    def stream(self, checked: _Checked) -> None:
         """In mode create, one COPY carries a window of chunks: the server works on them
         while the next ones are read and checked, as a plain COPY of the file would. The
         rows go as COPY text, joined in C when the input text can go as it is."""
-        super().stream(rows, raw)
+        super().stream(checked)
         if self.mode != "create" or self._refused:
             return
-        text = self._raw_text(rows, raw) if raw is not None else None
+        text = self._raw_text(checked.raw) if checked.raw is not None else None
         try:
             if self._window is None:
                 self.execute("SAVEPOINT filedock_window")
                 self._window = contextlib.ExitStack()
                 copy = f"{self._copy.decode()} WITH (NULL '')".encode()
-                self._copier = self._window.enter_context(self.conn.cursor().copy(copy))
-            self._copier.write(text if text is not None else _copy_text(rows))
+                cursor = self.conn.cursor()
+                writer = self._pg.copy.LibpqWriter(cursor, flush_threshold=1 << 16)
+                self._copier = self._window.enter_context(cursor.copy(copy, writer=writer))
+            self._copier.write(text if text is not None else _copy_text(checked.rows))
         except self.row_errors:
             self._refused = True
 
-    def _raw_text(self, rows: list[Row], raw: list[list[str]]) -> str | None:
+    def _raw_text(self, raw: list[list[str]]) -> str | None:
         """The rows' fields as COPY text (an empty field is NULL), or None if any needs
         escaping: a backslash, a tab or a line break."""
-        if not rows:
-            return ""
-        if len(rows) != len(raw):
-            raw = [raw[i] for i, _ in enumerate(rows)]
-        picked = list(map(self._pick, raw))
-        flat = "".join(itertools.chain.from_iterable(picked))
-        if "\\" in flat or "\t" in flat or "\n" in flat or "\r" in flat:
+        text = "\n".join(map("\t".join, map(self._pick, raw))) + "\n" if raw else ""
+        # a value holding a separator would add one: count them
+        if text.count("\t") != len(raw) * (len(self.columns) - 1) or text.count("\n") != len(raw):
             return None
-        return "\n".join(map("\t".join, picked)) + "\n"
+        return None if "\\" in text or "\r" in text else text
 
     def settle(self) -> list[dict[int, str]]:
         if self.mode != "create":
@@ -1204,14 +1221,39 @@ def _connect(settings: CsvSqlImporterSettings) -> _Backend:
 # --- one import ------------------------------------------------------------------------------
 
 
-@dataclass
 class _Checked:
-    """A chunk after validation: the rows to write, and the reasons of those that failed."""
+    """A chunk after validation: the rows to write, and the reasons of those that failed.
 
-    chunk: list[Record]
-    rows: list[Row]  # (position in the chunk, values)
-    invalid: dict[int, str]  # position in the chunk -> reason
-    raw: list[list[str]] | None  # the rows' fields, when every value was canonical
+    The values stay column by column until a backend asks for rows: a COPY of canonical
+    text never needs them.
+    """
+
+    def __init__(
+        self,
+        chunk: _Chunk,
+        invalid: dict[int, str],
+        positions: Sequence[int],
+        columns: list[Sequence[Any]],
+        raw: list[list[str]] | None,
+    ) -> None:
+        self.chunk = chunk
+        self.invalid = invalid  # position in the chunk -> reason
+        self.raw = raw  # the rows' fields, when every value was canonical
+        self.count = len(positions)
+        self._positions, self._columns = positions, columns
+        self._rows: list[Row] | None = None
+
+    @property
+    def rows(self) -> list[Row]:
+        """(position in the chunk, values) of each row to write."""
+        if self._rows is None:
+            values = zip(*self._columns, strict=True)  # a plan always feeds some column
+            self._rows = list(zip(self._positions, values, strict=True))
+        return self._rows
+
+    @rows.setter
+    def rows(self, rows: list[Row]) -> None:
+        self._rows = rows
 
 
 @dataclass
@@ -1252,7 +1294,7 @@ class _Run:
     def _backfill(self, before: int) -> Iterator[list[str]]:
         with self._source() as again:
             again.header()
-            for line, fields, _ in again:
+            for line, fields in again:
                 if line >= before:
                     return
                 yield fields
@@ -1270,7 +1312,7 @@ class _Run:
         window: list[_Checked] = []
         while chunk := source.read(self.settings.chunk_rows):
             window.append(checked := self._check(plan, chunk))
-            backend.stream(checked.rows, checked.raw)
+            backend.stream(checked)
             if len(window) >= backend.window:
                 self._settle(backend, outputs, window)
                 window = []
@@ -1291,46 +1333,41 @@ class _Run:
         backend.commit()
         return self._result(outputs, plan, outputs.publish(), replayed=None)
 
-    def _check(self, plan: _Plan, chunk: list[Record]) -> _Checked:
+    def _check(self, plan: _Plan, chunk: _Chunk) -> _Checked:
         width = plan.width
-        invalid: dict[int, str] = {}
-        whole: list[int] = []
-        for n, (_, fields, problem) in enumerate(chunk):
-            if problem is not None:
-                invalid[n] = problem
-            elif len(fields) != width:
-                invalid[n] = f"expected {width} fields, found {len(fields)}"
-            else:
-                whole.append(n)
-        if not invalid:  # the common case: no Python work per row
-            fields = [fields for _, fields, _ in chunk]
-            values, failed, canonical = plan.validate(fields)
-            rows = list(enumerate(values))
+        invalid = dict(chunk.problems)
+        whole: Sequence[int]
+        if not invalid and set(map(len, chunk.fields)) == {width}:
+            whole, inputs = range(len(chunk)), chunk.fields  # the common case: no work per row
         else:
-            fields = [chunk[n][1] for n in whole]
-            values, failed, canonical = plan.validate(fields)
-            rows = [(n, values[i]) for i, n in enumerate(whole)]
+            for n, fields in enumerate(chunk.fields):
+                if n not in invalid and len(fields) != width:
+                    invalid[n] = f"expected {width} fields, found {len(fields)}"
+            whole = [n for n in range(len(chunk)) if n not in invalid]
+            inputs = [chunk.fields[n] for n in whole]
+        columns, failed, canonical = plan.validate(inputs)
+        checked = _Checked(chunk, invalid, whole, columns, inputs if canonical else None)
         if failed:
-            invalid.update((rows[i][0], reason) for i, reason in failed.items())
-            rows = [row for i, row in enumerate(rows) if i not in failed]
-        return _Checked(chunk, rows, invalid, fields if canonical else None)
+            invalid.update((whole[i], reason) for i, reason in failed.items())
+            checked.rows = [row for i, row in enumerate(checked.rows) if i not in failed]
+        return checked
 
     def _settle(self, backend: _Backend, outputs: _Outputs, window: list[_Checked]) -> None:
         for checked, refused in zip(window, backend.settle(), strict=True):
-            failed = checked.invalid | refused
+            failed, chunk = checked.invalid | refused, checked.chunk
             if not failed:
-                self.imported += len(checked.chunk)
-                outputs.good_many(record[1] for record in checked.chunk)
+                self.imported += len(chunk)
+                outputs.good_many(chunk.fields)
                 continue
             errors: list[tuple[int, str]] = []
-            for n, (line, fields, _) in enumerate(checked.chunk):
+            for n, (line, fields) in enumerate(zip(chunk.lines, chunk.fields, strict=True)):
                 if n not in failed:
                     outputs.good(fields)
                     continue
                 message = f"line {line}: {failed[n]}"
                 outputs.bad(line, fields, message)
                 errors.append((line, message))
-            self.imported += len(checked.chunk) - len(errors)
+            self.imported += len(chunk) - len(errors)
             self.failed += len(errors)
             backend.record_errors(self.job.id, errors)
 
@@ -1349,7 +1386,7 @@ class _Run:
             with contextlib.closing(backend.recorded_errors(self.job.id)) as errors:
                 failing = next(errors, None)
                 while chunk := source.read(self.settings.chunk_rows):
-                    for line, fields, _ in chunk:
+                    for line, fields in zip(chunk.lines, chunk.fields, strict=True):
                         if failing is not None and failing[0] == line:
                             outputs.bad(line, fields, failing[1])
                             failing = next(errors, None)
