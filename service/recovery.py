@@ -134,8 +134,10 @@ class Recovery:
             if job.state != "waiting":
                 report.resume.append(job)
                 self._act(report, "requeued", job.id, f"re-queued a job found {job.state}")
-        elif job.state == "claimed" and not (self.proc / job.id).exists():
-            # The row is written before the claim rename: the crash came in between.
+        elif job.state == "claimed" and not _has_payload(self.proc / job.id):
+            # The row is written before the claim's mkdir and rename: the crash came in
+            # between. The file is still in transfer/ (or another replica has it).
+            self._remove_tree(self.proc / job.id)
             await self.ledger.delete([job.id])
             self._act(report, "unclaimed_row", job.id, "removed the row of a claim never made")
         else:
@@ -287,6 +289,15 @@ class Recovery:
     @staticmethod
     def _remove_tree(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _has_payload(job_dir: Path) -> bool:
+    """Whether a job folder holds anything but the (empty) folders made for its importer."""
+    try:
+        entries = os.listdir(job_dir)
+    except FileNotFoundError:
+        return False
+    return any(e not in ("out",) or os.listdir(job_dir / e) for e in entries)
 
 
 def _listdir(path: Path) -> list[str]:

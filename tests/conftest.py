@@ -6,13 +6,25 @@ under `CI=true` a missing tool is a failure: CI must prove everything.
 
 from __future__ import annotations
 
+import gzip
+import hashlib
+import json
 import os
 import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
 import time
-from collections.abc import Callable
-from typing import TypeVar
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
+import yaml
 
 T = TypeVar("T")
 
@@ -70,21 +82,35 @@ def postgres_url() -> str:
     return url
 
 
+@pytest.fixture
+def pg_url(postgres_url: str) -> Iterator[str]:
+    """A PostgreSQL URL whose tables live in a fresh schema, dropped after the test."""
+    import uuid
+
+    import psycopg
+
+    schema = f"t_{uuid.uuid4().hex[:16]}"
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    try:
+        sep = "&" if "?" in postgres_url else "?"
+        yield f"{postgres_url}{sep}options=-csearch_path%3D{schema}"
+    finally:
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each ledger backend in turn: a SQLite file, and a PostgreSQL schema of its own."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'state' / 'ledger.sqlite3'}"
+    url: str = request.getfixturevalue("pg_url")
+    return url
+
+
 # -- the real service on a tmp_path tree ------------------------------------------------
 
-import gzip  # noqa: E402
-import hashlib  # noqa: E402
-import json  # noqa: E402
-import signal  # noqa: E402
-import socket  # noqa: E402
-import sqlite3  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import urllib.request  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
-
-import yaml  # noqa: E402
 
 TESTS = Path(__file__).parent
 REPO = TESTS.parent

@@ -4,31 +4,16 @@ from __future__ import annotations
 
 import collections
 import os
-import secrets
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg
-import pytest
 from conftest import FiledockTree, free_port, wait_for
 from psycopg.rows import dict_row
 
 FILES = 5000
-
-
-@pytest.fixture
-def pg_schema(postgres_url: str) -> Iterator[str]:
-    """A ledger URL in a schema of its own, dropped afterwards."""
-    schema = f"fd_replicas_{secrets.token_hex(4)}"
-    with psycopg.connect(postgres_url, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")
-    sep = "&" if "?" in postgres_url else "?"
-    yield f"{postgres_url}{sep}options=-csearch_path%3D{schema}"
-    with psycopg.connect(postgres_url, autocommit=True) as conn:
-        conn.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 def _rows(url: str) -> list[dict[str, Any]]:
@@ -39,7 +24,7 @@ def _rows(url: str) -> list[dict[str, Any]]:
             return []
 
 
-def test_three_replicas_one_killed(tree: FiledockTree, pg_schema: str) -> None:
+def test_three_replicas_one_killed(tree: FiledockTree, pg_url: str) -> None:
     route = {
         "name": "shared",
         "match": "**",
@@ -50,7 +35,7 @@ def test_three_replicas_one_killed(tree: FiledockTree, pg_schema: str) -> None:
         },
         "concurrency": 4,
     }
-    tree.configure([route], ledger_url=pg_schema, lease_s=3, scan_interval_s=1)
+    tree.configure([route], ledger_url=pg_url, lease_s=3, scan_interval_s=1)
     replicas = []
     for i in range(3):
         env = tree.env(FILEDOCK_REPLICA_ID=f"r{i}", FILEDOCK_HTTP__PORT=str(free_port()))
@@ -72,7 +57,7 @@ def test_three_replicas_one_killed(tree: FiledockTree, pg_schema: str) -> None:
 
     writer = threading.Thread(target=upstream)
     writer.start()
-    wait_for(lambda: len(_rows(pg_schema)) >= FILES // 3, timeout=120, what="a third claimed")
+    wait_for(lambda: len(_rows(pg_url)) >= FILES // 3, timeout=120, what="a third claimed")
     victim = replicas[0]
     victim.proc.send_signal(signal.SIGKILL)
     victim.proc.wait()
@@ -80,7 +65,7 @@ def test_three_replicas_one_killed(tree: FiledockTree, pg_schema: str) -> None:
     writer.join()
 
     def all_final() -> bool:
-        rows = _rows(pg_schema)
+        rows = _rows(pg_url)
         return len(rows) == FILES and all(r["state"] in ("done", "failed") for r in rows)
 
     wait_for(all_final, timeout=300, what=f"all {FILES} jobs done or failed")
@@ -88,7 +73,7 @@ def test_three_replicas_one_killed(tree: FiledockTree, pg_schema: str) -> None:
         code = service.stop()
         assert code == 0, f"exit {code}:\n" + service.log()[-3000:]
 
-    rows = _rows(pg_schema)
+    rows = _rows(pg_url)
     assert len({bytes(r["relative_path"]) for r in rows}) == FILES  # one row per file
     assert all(r["state"] == "done" for r in rows)
     archived = tree.archived()
