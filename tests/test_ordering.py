@@ -128,7 +128,10 @@ def test_a_slow_route_does_not_starve_the_others(tree: FiledockTree) -> None:
     assert running <= 2  # the slow route never exceeded its concurrency
 
 
-@pytest.mark.parametrize("files", [1_000, 20_000, pytest.param(100_000, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "files",
+    [1_000, 20_000, pytest.param(100_000, marks=[pytest.mark.slow, pytest.mark.timeout(1800)])],
+)
 def test_backlog_waits_on_disk_not_in_memory(tree: FiledockTree, files: int) -> None:
     """The RSS of draining a backlog does not grow with it (figures: docs/benchmarks.md)."""
     tree.configure([recording_route("bulk", "**")], queue_size=256)
