@@ -146,12 +146,14 @@ class Pipeline:
         self._order_wait: dict[str, tuple[anyio.Event | None, anyio.Event]] = {}
         self.tally = Tally()
         self.draining = False  # shutting down: start no new import
+        self._tg: anyio.abc.TaskGroup | None = None
         self._changed = anyio.Event()
 
     # -- running -------------------------------------------------------------------
 
     async def run_stages(self, tg: anyio.abc.TaskGroup) -> None:
         """Start the claimers, the workers and the archiver in `tg`."""
+        self._tg = tg
         for lane in self.lanes.values():
             tg.start_soon(self._claimer, lane, name=f"claimer:{lane.route.name}")
             for i in range(lane.route.concurrency):
@@ -695,6 +697,10 @@ class Pipeline:
                 retry_in_s=delay,
             ),
         )
+        assert self._tg is not None
+        self._tg.start_soon(self._archive_later, item, delay)  # the archiver goes on meanwhile
+
+    async def _archive_later(self, item: _ToArchive, delay: float) -> None:
         await anyio.sleep(delay)
         await self._archive_send.send(item)
 
