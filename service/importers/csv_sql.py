@@ -354,12 +354,6 @@ class _Source:
         self._file.close()
         self._raw.close()
 
-    def _unreadable(self, first: int, error: csv.Error) -> tuple[list[str], str]:
-        reason = str(error)
-        if reason == "unexpected end of data":
-            reason = "unterminated quoted field (it runs to the end of the file)"
-        return [self._raw.text(first, self._reader.line_num)], f"malformed CSV: {reason}"
-
     def header(self) -> list[str]:
         """The first non-blank record, stripped; `Reject` when there is none or it is broken."""
         while True:
@@ -379,37 +373,70 @@ class _Source:
     def read(self, size: int) -> _Chunk:
         """Up to `size` records after the header; blank lines are skipped and not counted."""
         chunk = _Chunk([], [], {})
-        lines, rows, problems = chunk.lines, chunk.fields, chunk.problems
-        reader, width = self._reader, self.width
-        line = reader.line_num
-        while len(rows) < size:
-            try:
-                fields = next(reader)
-            except StopIteration:
-                break
-            except csv.Error as e:
-                lines.append(line + 1)
-                fields, problems[len(rows)] = self._unreadable(line + 1, e)
-                rows.append(fields)
-                line = reader.line_num
-                continue
-            first, line = line + 1, reader.line_num
-            if len(fields) != width and (
-                not fields or (len(fields) == 1 and width > 1 and not fields[0].strip())
-            ):
-                continue
-            lines.append(first)
-            rows.append(fields)
-        if self._check and _undecodable(itertools.chain.from_iterable(rows)):
-            for n, fields in enumerate(rows):
-                if n not in problems and _undecodable(fields):
-                    problems[n] = f"bytes that are not valid {self.encoding}"
+        while len(chunk) < size and not self._batch(chunk, size - len(chunk)):
+            pass
+        if self._check and _undecodable(itertools.chain.from_iterable(chunk.fields)):
+            for n, fields in enumerate(chunk.fields):
+                if n not in chunk.problems and _undecodable(fields):
+                    chunk.problems[n] = f"bytes that are not valid {self.encoding}"
         return chunk
+
+    def _batch(self, chunk: _Chunk, want: int) -> bool:
+        """Read up to `want` records into the chunk, in C; whether the file has ended.
+
+        `list.extend` keeps the records read before a `csv.Error`. Each record takes one
+        line unless a quoted field holds line breaks: only then are lines counted here.
+        """
+        reader, width = self._reader, self.width
+        start, batch, error = reader.line_num, list[list[str]](), None
+        try:
+            batch.extend(itertools.islice(reader, want))
+        except csv.Error as e:
+            error = e
+        read = len(batch)
+        lines: Sequence[int]
+        if error is None and reader.line_num - start == read:
+            lines = range(start + 1, start + 1 + read)
+        else:
+            lines = _first_lines(start, batch)
+        after = lines[-1] + _line_breaks(batch[-1]) if batch else start
+        if set(map(len, batch)) - {width}:  # blank lines (or rows of another width)
+            kept = [n for n, fields in enumerate(batch) if not _blank(fields, width)]
+            lines, batch = [lines[n] for n in kept], [batch[n] for n in kept]
+        chunk.lines.extend(lines)
+        chunk.fields.extend(batch)
+        if error is None:
+            return read < want
+        reason = str(error)
+        if reason == "unexpected end of data":
+            reason = "unterminated quoted field (it runs to the end of the file)"
+        chunk.problems[len(chunk)] = f"malformed CSV: {reason}"
+        chunk.lines.append(after + 1)
+        chunk.fields.append([self._raw.text(after + 1, reader.line_num)])
+        return False
 
     def __iter__(self) -> Iterator[tuple[int, list[str]]]:
         """(first line, fields) of each record."""
         while chunk := self.read(1000):
             yield from zip(chunk.lines, chunk.fields, strict=True)
+
+
+def _blank(fields: list[str], width: int) -> bool:
+    return not fields or (len(fields) == 1 and width > 1 and not fields[0].strip())
+
+
+def _line_breaks(fields: list[str]) -> int:
+    """The line breaks inside a record's quoted fields, as `readline` splits lines."""
+    return sum(f.count("\n") + f.count("\r") - f.count("\r\n") for f in fields)
+
+
+def _first_lines(start: int, rows: list[list[str]]) -> list[int]:
+    """The line each record starts on, the line before the first being `start`."""
+    lines, line = [], start
+    for fields in rows:
+        lines.append(line + 1)
+        line += 1 + _line_breaks(fields)
+    return lines
 
 
 def _undecodable(texts: Iterable[str]) -> bool:
@@ -671,8 +698,8 @@ class _Backend:
     param: ClassVar[str]
     now: ClassVar[str]
     types: ClassVar[dict[str, str]]
-    row_errors: tuple[type[Exception], ...]
-    unique_errors: tuple[type[Exception], ...]
+    row_errors: tuple[type[Exception], ...]  # the database refuses a row, not the import
+    window: int = 1  # chunks streamed before the database's verdict is awaited
 
     def __init__(self, settings: CsvSqlImporterSettings) -> None:
         self.settings = settings
@@ -699,6 +726,10 @@ class _Backend:
         raise NotImplementedError
 
     def is_transient(self, error: BaseException) -> bool:
+        raise NotImplementedError
+
+    def is_duplicate(self, error: Exception) -> bool:
+        """Whether a refusal is a unique violation."""
         raise NotImplementedError
 
     def table_exists(self, name: str) -> bool:
@@ -810,8 +841,6 @@ class _Backend:
         self.columns, self.key = plan.columns, plan.key
         self._prepare_writes(plan)
 
-    window: int = 1  # chunks streamed before the database's verdict is awaited
-
     def stream(self, checked: _Checked) -> None:
         """Send a chunk's rows; their verdict comes from the next `settle`."""
         self._streamed.append(checked)
@@ -848,7 +877,7 @@ class _Backend:
         return errors
 
     def _refusal(self, error: Exception, values: Sequence[Any]) -> str:
-        if isinstance(error, self.unique_errors) and self.mode == "create" and self.key:
+        if self.mode == "create" and self.key and self.is_duplicate(error):
             match = " AND ".join(f"{_q(self.columns[i])} = {self.param}" for i in self.key)
             found = self.execute(
                 f"SELECT 1 FROM {self.table} WHERE {match}", [values[i] for i in self.key]
@@ -873,7 +902,6 @@ class _SqliteBackend(_Backend):
         "bool": "INTEGER", "date": "TEXT", "datetime": "TEXT",
     }  # fmt: skip
     row_errors = (sqlite3.IntegrityError, sqlite3.DataError)
-    unique_errors = (sqlite3.IntegrityError,)
     _TRANSIENT: Final = ("locked", "busy", "unable to open", "disk i/o", "full")
 
     def __init__(self, settings: CsvSqlImporterSettings) -> None:
@@ -906,6 +934,9 @@ class _SqliteBackend(_Backend):
         return isinstance(error, sqlite3.OperationalError) and any(
             word in text for word in self._TRANSIENT
         )
+
+    def is_duplicate(self, error: Exception) -> bool:
+        return isinstance(error, sqlite3.IntegrityError) and "UNIQUE" in str(error)
 
     def table_exists(self, name: str) -> bool:
         sql = "SELECT 1 FROM main.sqlite_master WHERE type = 'table' AND name = ?"
@@ -988,7 +1019,6 @@ class _PostgresBackend(_Backend):
 
         self._pg: ModuleType = psycopg
         self.row_errors = (psycopg.IntegrityError, psycopg.DataError)
-        self.unique_errors = (psycopg.errors.UniqueViolation,)
         try:
             self.conn: psycopg.Connection[tuple[Any, ...]] = psycopg.connect(
                 settings.database_url, connect_timeout=_PG_CONNECT_TIMEOUT_S
@@ -1041,6 +1071,9 @@ class _PostgresBackend(_Backend):
                 self.rollback()
                 if attempt == 2:
                     raise
+
+    def is_duplicate(self, error: Exception) -> bool:
+        return isinstance(error, self._pg.errors.UniqueViolation)
 
     def table_exists(self, name: str) -> bool:
         return bool(self.execute("SELECT to_regclass(%s) IS NOT NULL", (_q(name),))[0][0])
