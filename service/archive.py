@@ -35,6 +35,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "archive_dir_for",
     "build_archive",
+    "check_published",
     "error_document",
     "manifest_document",
     "publish_archive",
@@ -165,8 +166,12 @@ def build_archive(
     os.mkdir(tmp)
     gz_name = os.fsdecode(safe_archive_name(job.name, b".gz"))
     src = os.fsencode(proc_dir) + b"/" + stored_name(job.name)
-    _gzip_and_hash(src, tmp / gz_name, job)
-    _verify_gzip(tmp / gz_name, job.sha256)
+    try:
+        _gzip_and_hash(src, tmp / gz_name, job)
+        _verify_gzip(tmp / gz_name, job.sha256)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave a copy of changed content
+        raise
     files: list[dict[str, Any]] = [{"name": gz_name, "role": "source", "sha256": job.sha256}]
     barrier.file(tmp / gz_name)
     for stored in sorted(os.listdir(os.fsencode(proc_dir))):
@@ -211,6 +216,20 @@ def _copy_output(src: Path, dst: Path, barrier: Barrier) -> None:
             raise
         shutil.copyfile(src, dst)
     barrier.file(dst)
+
+
+def check_published(final_dir: Path, job: JobRecord, barrier: Barrier) -> None:
+    """An archive published by an earlier try (its ledger write failed): verify it again
+    against the job's SHA-256, and include it in the barrier before it counts as done."""
+    manifest = read_json(final_dir / "manifest.json") or {}
+    files = manifest.get("files") or [{}]
+    source = final_dir / str(files[0].get("name", ""))
+    _verify_gzip(source, job.sha256)
+    for entry in final_dir.iterdir():
+        if entry.is_file():
+            barrier.file(entry)
+    barrier.dir(final_dir)
+    barrier.dir(final_dir.parent)
 
 
 def publish_archive(final_dir: Path) -> None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from service.crash import crash_point
 from service.errors import JobError
 from service.fsutil import Barrier
 from service.settings import Route
@@ -96,6 +97,7 @@ def claim_batch(
         except OSError as e:
             results.append(ClaimResult(rel, job_id, "error", f"mkdir in proc/: {e.strerror}"))
             continue
+        crash_point("mid_claim")
         try:
             os.rename(src, job_dir + b"/" + stored_name(name))
         except OSError as e:
@@ -128,6 +130,7 @@ def _vet_claimed(
         vetted = vet(job_dir + b"/" + stored_name(name), max_size=max_size, want_hash=True)
     except JobError as e:
         return ClaimResult(r.rel, r.job_id, "claimed", rejected=e)
+    crash_point("after_vet")
     if temp is not None:  # the importer's folders, when it needs them made for it
         os.mkdir(job_dir + b"/out")
         os.makedirs(temp / r.job_id, exist_ok=True)

@@ -2,21 +2,23 @@
 itself the nth time it passes `point`. Inert unless that variable is set.
 
 The reliability suite uses them to prove that a crash at any step of the
-protocol leaves the invariants intact after a restart. Points: after_vet,
-after_claim, before_import, after_import, mid_archive, after_archive_rename,
-after_ledger_done, mid_fail.
+protocol leaves the invariants intact after a restart. Points: mid_claim (between
+the claim's mkdir and rename), after_vet, after_claim, before_import, after_import,
+mid_archive, after_archive_rename, after_ledger_done, mid_fail.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import threading
 
-__all__ = ["POINTS", "crash_point"]
+__all__ = ["FSYNC_POINTS", "POINTS", "crash_point", "fsync_fault"]
 
 POINTS = frozenset(
     {
+        "mid_claim",
         "after_vet",
         "after_claim",
         "before_import",
@@ -54,3 +56,33 @@ def crash_point(name: str) -> None:
         _count += 1
         if _count == _target[1]:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+# `FILEDOCK_TEST_FAIL_FSYNC=point:nth`: the nth barrier at `point` fails with EIO, as a
+# failing disk would. Points: build (the archive copy, before its rename), publish
+# (after the rename). Inert unless set; test-only.
+FSYNC_POINTS = frozenset({"build", "publish"})
+
+
+def _parse_fsync(spec: str) -> tuple[str, int] | None:
+    if not spec:
+        return None
+    point, _, nth = spec.partition(":")
+    if point not in FSYNC_POINTS:
+        raise ValueError(f"FILEDOCK_TEST_FAIL_FSYNC: unknown point {point!r}")
+    return point, int(nth or "1")
+
+
+_fsync_target = _parse_fsync(os.environ.get("FILEDOCK_TEST_FAIL_FSYNC", ""))
+_fsync_count = 0
+
+
+def fsync_fault(name: str) -> None:
+    """Raise EIO here the nth time when the test setting asks for it; otherwise nothing."""
+    global _fsync_count
+    if _fsync_target is None or _fsync_target[0] != name:
+        return
+    with _lock:
+        _fsync_count += 1
+        if _fsync_count == _fsync_target[1]:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), "(FILEDOCK_TEST_FAIL_FSYNC)")

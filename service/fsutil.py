@@ -10,6 +10,7 @@ fsync, rename and unlink, and only where the design allows it.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -202,8 +203,10 @@ def remove_tree(path: Path) -> None:
         if entry.is_dir(follow_symlinks=False):
             remove_tree(Path(entry.path))
         else:
-            os.unlink(entry.path)
-    os.rmdir(path)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+    with contextlib.suppress(FileNotFoundError):
+        os.rmdir(path)
 
 
 def free_bytes(path: Path) -> int:

@@ -16,13 +16,14 @@ half-written transition.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import random
 import re
 import time
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -39,7 +40,7 @@ from service.claim import (
     stored_name,
     vet,
 )
-from service.crash import crash_point
+from service.crash import crash_point, fsync_fault
 from service.errors import JobError, Reject, Retry
 from service.fsutil import Barrier, remove_tree
 from service.importers import Importer, ImportJob, Result, build_importer
@@ -55,6 +56,7 @@ __all__ = ["Pipeline"]
 log = logging.getLogger("filedock.pipeline")
 T = TypeVar("T")
 _ARCHIVE_RETRY_S = (1.0, 5.0, 15.0, 60.0)
+_ARCHIVING = ("outcome", "archive_path", "duplicate_of", "history", "sha256", "size", "mtime_ns")
 
 
 @dataclass
@@ -75,6 +77,42 @@ class _ToArchive:
     result: Result | None
     done: anyio.Event = field(default_factory=anyio.Event)
     tries: int = 0
+
+
+class _Gate:
+    """Shared entry for ordinary imports, exclusive entry for suspects of a crash.
+
+    A waiting suspect stops new ordinary imports from starting, so it is not starved.
+    """
+
+    def __init__(self) -> None:
+        self._cond = anyio.Condition()
+        self._running = 0
+        self._exclusive = False
+        self._suspects_waiting = 0
+
+    @contextlib.asynccontextmanager
+    async def enter(self, *, exclusive: bool) -> AsyncIterator[None]:
+        async with self._cond:
+            if exclusive:
+                self._suspects_waiting += 1
+                while self._exclusive or self._running:
+                    await self._cond.wait()
+                self._suspects_waiting -= 1
+                self._exclusive = True
+            else:
+                while self._exclusive or self._suspects_waiting:
+                    await self._cond.wait()
+            self._running += 1
+        try:
+            yield
+        finally:
+            with anyio.CancelScope(shield=True):
+                async with self._cond:
+                    self._running -= 1
+                    if exclusive:
+                        self._exclusive = False
+                    self._cond.notify_all()
 
 
 @dataclass
@@ -146,6 +184,7 @@ class Pipeline:
         self._order_wait: dict[str, tuple[anyio.Event | None, anyio.Event]] = {}
         self.tally = Tally()
         self.draining = False  # shutting down: start no new import
+        self._gate = _Gate()  # suspects of a crash import with nothing else running
         self._tg: anyio.abc.TaskGroup | None = None
         self._changed = anyio.Event()
 
@@ -341,12 +380,32 @@ class Pipeline:
                 self._release(job)  # stays claimed in proc/; the next start resumes it
                 return
             async with lane.limiter, self.global_limiter:
-                await self._process(lane, job)
+                try:
+                    await self._process(lane, job)
+                except Exception as e:  # the ledger failed, or a bug: defer, never crash
+                    self._defer(job, e)
+                    return
             if lane.route.order == "none" or job.state != "waiting":
                 return
             # An ordered lane holds its place: the retry happens here, in order.
             await anyio.sleep(max(0.0, (job.next_attempt_at or 0) - time.time()))
             job.state = "claimed"
+
+    def _defer(self, job: JobRecord, error: BaseException) -> None:
+        """Set a job back after an unexpected failure: it stays in proc/, resumed later."""
+        self.metrics.ledger_errors.inc()
+        log.error(
+            "could not handle the job; it stays in proc/ and is resumed in 5s",
+            extra=job_fields(job.id, route=job.route, name=job.name, error=repr(error)[:500]),
+            exc_info=not isinstance(error, OSError),
+        )
+        self._release(job)
+        assert self._tg is not None
+        self._tg.start_soon(self._resume_later, job, 5.0)
+
+    async def _resume_later(self, job: JobRecord, delay: float) -> None:
+        await anyio.sleep(delay)
+        await self.resume(job)
 
     def _forget_tail(self, event: anyio.Event) -> None:
         for key, tail in list(self._order_tail.items()):
@@ -421,15 +480,30 @@ class Pipeline:
             )
 
     def _attempts_left(self, route: Route, job: JobRecord) -> bool:
-        since_manual = 0
+        """Attempts since the last manual retry, against `max_attempts`.
+
+        An attempt that a crash of the service interrupted counts only if it ran in
+        isolation: a file that kills the service is charged for it, the files that
+        happened to be importing beside it are not.
+        """
+        charged = 0
         for entry in reversed(job.history):
             if entry.get("event") == "manual_retry":
                 break
-            if "n" in entry:
-                since_manual += 1
-        return since_manual < route.max_attempts
+            if "n" in entry and (entry.get("result") != "interrupted" or entry.get("isolated")):
+                charged += 1
+        return charged < route.max_attempts
 
     async def _attempt(self, lane: _Lane, job: JobRecord) -> None:
+        # After a crash of the service, each job it interrupted imports alone (no other
+        # import runs meanwhile): if it is the one that kills the service, the next
+        # recovery finds it the only one importing, and only it pays for it.
+        attempts = [h for h in job.history if "n" in h]
+        suspect = bool(attempts) and attempts[-1].get("result") == "interrupted"
+        async with self._gate.enter(exclusive=suspect):
+            await self._run_attempt(lane, job, isolated=suspect)
+
+    async def _run_attempt(self, lane: _Lane, job: JobRecord, *, isolated: bool) -> None:
         route = lane.route
         now = time.time()
         n = job.attempts + 1
@@ -437,6 +511,8 @@ class Pipeline:
             self.metrics.queue_wait.labels(route.name).observe(max(0.0, now - job.detected_at))
         job.attempts, job.state = n, "importing"
         job.history.append({"n": n, "started_at": _ts(now), "result": "running"})
+        if isolated:
+            job.history[-1]["isolated"] = True
         await shielded(self._save(job, "attempts", "size", "mtime_ns", "sha256", "history"))
         out_dir, temp_dir = self.job_dir(job) / "out", self.temp / job.id
         import_job = ImportJob(
@@ -478,7 +554,7 @@ class Pipeline:
         job.history[-1]["elapsed_s"] = round(elapsed, 4)
         if error is None and result is not None:
             job.history[-1]["result"] = "ok"
-            await self._to_archive(route, job, result.outcome, result)
+            await self._to_archive(route, job, result.outcome, result, record_now=isolated)
             return
         await self._import_failed(route, job, error)
 
@@ -561,11 +637,24 @@ class Pipeline:
     # -- archive -------------------------------------------------------------------
 
     async def _to_archive(
-        self, route: Route, job: JobRecord, outcome: str, result: Result | None
+        self,
+        route: Route,
+        job: JobRecord,
+        outcome: str,
+        result: Result | None,
+        *,
+        record_now: bool = False,
     ) -> None:
-        job.state = "archiving"  # the archiver records it, for its whole batch at once
+        """Hand a job to the archiver, which records `archiving` for its whole batch.
+
+        `record_now` writes it at once: a suspect of a crash must not look `importing`
+        once the next suspect starts, or a crash would be blamed on it too.
+        """
+        job.state = "archiving"
         job.outcome = outcome  # type: ignore[assignment]
         job.archive_path = str(arch.archive_dir_for(self.archive_root, job.id))
+        if record_now:
+            await shielded(self._save(job, *_ARCHIVING))
         item = _ToArchive(job, outcome, result)
         await self._archive_send.send(item)
         if route.order != "none":
@@ -588,16 +677,12 @@ class Pipeline:
                 await shielded(self._archive_batch(batch))
 
     async def _archive_batch(self, batch: list[_ToArchive]) -> None:
-        archiving = (
-            "outcome",
-            "archive_path",
-            "duplicate_of",
-            "history",
-            "sha256",
-            "size",
-            "mtime_ns",
-        )
-        await self.ledger.update_many([self._fields(i.job, *archiving) for i in batch])
+        try:
+            await self.ledger.update_many([self._fields(i.job, *_ARCHIVING) for i in batch])
+        except Exception as e:  # the ledger cannot be written: try the batch again later
+            for item in batch:
+                await self._archive_failed(item, e)
+            return
         errors = await anyio.to_thread.run_sync(
             self._write_archives, batch, limiter=self.fs_threads
         )
@@ -605,9 +690,15 @@ class Pipeline:
         now = time.time()
         for item in published:
             item.job.state = "done"
-        await self.ledger.update_many(
-            [self._fields(i.job, "outcome", "archive_path", "failed_path") for i in published]
-        )
+        try:
+            await self.ledger.update_many(
+                [self._fields(i.job, "outcome", "archive_path", "failed_path") for i in published]
+            )
+        except Exception as e:  # published, not yet recorded: the retry finds the archive
+            for item in published:
+                item.job.state = "archiving"
+                await self._archive_failed(item, e)
+            published = []
         crash_point("after_ledger_done")
         await anyio.to_thread.run_sync(
             self._remove_sources, [i.job for i in published], limiter=self.fs_threads
@@ -625,11 +716,25 @@ class Pipeline:
             remove_tree(self.temp / job.id)
 
     def _write_archives(self, batch: list[_ToArchive]) -> list[BaseException | None]:
-        """Blocking: build each `<id>.tmp/`, one barrier, publish all, one barrier."""
+        """Blocking: build each `<id>.tmp/`, one barrier, publish all, one barrier.
+
+        A failed barrier (fsync) fails the whole batch: each archive is built again
+        from its source on the next try, never trusted after a failed fsync.
+        """
         barrier = Barrier()
         errors: list[BaseException | None] = []
+        done_before: set[str] = set()
         for item in batch:
             job = item.job
+            final = Path(job.archive_path or "")
+            if (final / "manifest.json").exists():  # published by an earlier try
+                try:
+                    arch.check_published(final, job, barrier)
+                    done_before.add(job.id)
+                    errors.append(None)
+                except Exception as e:
+                    errors.append(e)
+                continue
             try:
                 pending = item.result.pending if item.result else None
                 arch.build_archive(
@@ -646,17 +751,22 @@ class Pipeline:
                 errors.append(None)
             except Exception as e:
                 errors.append(e)
-        barrier.flush()
-        for item, err in zip(batch, errors, strict=True):
-            if err is not None:
-                continue
-            final = Path(item.job.archive_path or "")
-            arch.publish_archive(final)
-            barrier.dir(final.parent)
-            crash_point("after_archive_rename")
-            if item.result is not None and item.result.pending is not None:
-                self._write_pending(item)
-        barrier.flush()
+        try:
+            fsync_fault("build")
+            barrier.flush()
+            for item, err in zip(batch, errors, strict=True):
+                if err is not None or item.job.id in done_before:
+                    continue
+                final = Path(item.job.archive_path or "")
+                arch.publish_archive(final)
+                barrier.dir(final.parent)
+                crash_point("after_archive_rename")
+                if item.result is not None and item.result.pending is not None:
+                    self._write_pending(item)
+            fsync_fault("publish")
+            barrier.flush()
+        except OSError as e:
+            return [err if err is not None else e for err in errors]
         return errors
 
     def _write_pending(self, item: _ToArchive) -> None:

@@ -75,8 +75,9 @@ class Recovery:
         orphans = await self.ledger.take_orphans(
             now, self.settings.replica_id, self.settings.lease_s
         )
+        culprit = _lone_culprit(orphans)
         for job in orphans:
-            await self._orphan(job, report, now)
+            await self._orphan(job, report, now, charge=job.id == culprit)
         await self._adopt_proc(report, now)
         await self._adopt_failed(report)
         await anyio.to_thread.run_sync(self._sweep_scratch, report)
@@ -91,11 +92,16 @@ class Recovery:
         """
         now = time.time() if now is None else now
         report = RecoveryReport()
-        for job in await self.ledger.take_orphans(
+        orphans = await self.ledger.take_orphans(
             now, self.settings.replica_id, self.settings.lease_s, include_own=False
-        ):
+        )
+        culprit = _lone_culprit(orphans)
+        for job in orphans:
             if job.id not in active:
-                await self._orphan(job, report, now)
+                await self._orphan(job, report, now, charge=job.id == culprit)
+        # A replica that died between `done` and removing its source left a folder
+        # whose job is final: finish that too.
+        await self._adopt_proc(report, now, skip=active)
         return report.resume
 
     # -- jobs the ledger knows ---------------------------------------------------------
@@ -103,7 +109,9 @@ class Recovery:
     def _payload(self, job: JobRecord) -> bytes:
         return os.fsencode(self.proc / job.id) + b"/" + stored_name(job.name)
 
-    async def _orphan(self, job: JobRecord, report: RecoveryReport, now: float) -> None:
+    async def _orphan(
+        self, job: JobRecord, report: RecoveryReport, now: float, *, charge: bool = False
+    ) -> None:
         in_proc = os.path.lexists(self._payload(job))
         final = archive_dir_for(self.archive, job.id)
         if (final / "manifest.json").exists():
@@ -127,6 +135,8 @@ class Recovery:
             if job.state == "importing":
                 if job.history and job.history[-1].get("result") == "running":
                     job.history[-1].update(result="interrupted", ended_at=rfc3339(now))
+                    if charge:
+                        job.history[-1]["isolated"] = True
                 job.state = "claimed"
                 await self.ledger.update(
                     job.id, {"state": "claimed", "history": job.history, "updated_at": now}
@@ -172,7 +182,12 @@ class Recovery:
 
     # -- folders the ledger may not know -------------------------------------------------
 
-    async def _adopt_proc(self, report: RecoveryReport, now: float) -> None:
+    async def _adopt_proc(
+        self, report: RecoveryReport, now: float, *, skip: set[str] | None = None
+    ) -> None:
+        """Folders in proc/ the ledger does not explain. At start (`skip` None): all of
+        them; while running: only leftovers of final jobs this process does not hold."""
+        final_only = skip is not None
         try:
             names = sorted(os.listdir(self.proc))
         except FileNotFoundError:
@@ -181,10 +196,17 @@ class Recovery:
             path = self.proc / entry
             if not JOB_ID.match(entry) or not path.is_dir() or path.is_symlink():
                 continue
+            if skip is not None and entry in skip:
+                continue
             job = await self.ledger.get(entry)
-            contents = [
-                n for n in os.listdir(os.fsencode(path)) if n not in (b"out", b"error.json")
-            ]
+            if final_only and (job is None or job.state not in ("done", "failed")):
+                continue  # while running: other replicas' jobs in flight are theirs
+            try:
+                contents = [
+                    n for n in os.listdir(os.fsencode(path)) if n not in (b"out", b"error.json")
+                ]
+            except FileNotFoundError:
+                continue  # finished meanwhile
             if job is None:
                 if not contents:
                     self._remove_empty(path, report)
@@ -196,7 +218,7 @@ class Recovery:
             elif job.state == "failed" and (self.failed / entry).exists():
                 await anyio.to_thread.run_sync(self._remove_tree, path)
                 self._act(report, "finished_fail", entry, "removed a copy moved to failed/")
-            elif job.state in ("done", "failed"):
+            elif job.state in ("done", "failed") and not final_only:
                 self._act(report, "inconsistency", entry, "a final job still has a folder in proc/")
 
     async def _adopt(self, job_id: str, stored: bytes, report: RecoveryReport, now: float) -> None:
@@ -289,6 +311,14 @@ class Recovery:
     @staticmethod
     def _remove_tree(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _lone_culprit(orphans: list[JobRecord]) -> str | None:
+    """The job that was the only one importing when the service died: nothing else can
+    have caused the crash, so it is charged for it (see `Pipeline._attempts_left`).
+    With several importing, none is charged; each then imports alone, as a suspect."""
+    importing = [job.id for job in orphans if job.state == "importing"]
+    return importing[0] if len(importing) == 1 else None
 
 
 def _has_payload(job_dir: Path) -> bool:

@@ -10,6 +10,7 @@ full: a backlog stays on disk, and memory does not grow with it.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -39,6 +40,7 @@ _CHUNK = 1024
 # (kind, route, relative path, stat of a routed file)
 _Found = tuple[str, str | None, bytes, os.stat_result | None]
 _REPORT_CAP = 10_000  # unrouted/stalled names remembered to report each once
+_SEEN_CAP = 200_000  # names the watcher reported, kept to tell what it missed
 
 
 @dataclass
@@ -75,6 +77,9 @@ class Intake:
             )
         self._queued: set[bytes] = set()
         self._metrics = metrics
+        # Files the watcher reported and that are not claimed yet (insertion-ordered, so
+        # that a flood past the cap forgets the oldest names, not all of them).
+        self._reported: dict[bytes, None] = {}
 
     def __contains__(self, rel: bytes) -> bool:
         return rel in self._queued
@@ -106,8 +111,18 @@ class Intake:
         """Files queued and not yet claimed."""
         return len(self._queued)
 
+    def seen_by_watcher(self, rel: bytes) -> None:
+        self._reported[rel] = None
+        if len(self._reported) > _SEEN_CAP:
+            for old in list(itertools.islice(self._reported, _SEEN_CAP // 10)):
+                del self._reported[old]
+
+    def was_seen_by_watcher(self, rel: bytes) -> bool:
+        return rel in self._reported
+
     def release(self, rel: bytes) -> None:
         """The file left the queue (claimed, or gone)."""
+        self._reported.pop(rel, None)
         self._queued.discard(rel)
         self._metrics.queue_depth.set(len(self._queued))
 
@@ -172,7 +187,6 @@ class Discovery:
         self._scan_now = anyio.Event()
         self._want_full = True
         self._subdirs: set[bytes] = set()
-        self._seen_by_watcher: set[bytes] = set()
         self._watcher_since: float | None = None
         self._unrouted_reported: set[bytes] = set()
         self._ordered = {r.name for r in settings.routes if r.order != "none"}
@@ -324,9 +338,7 @@ class Discovery:
 
     async def _found(self, route: str, rel: bytes, *, from_watcher: bool) -> None:
         if from_watcher:
-            self._seen_by_watcher.add(rel)
-            if len(self._seen_by_watcher) > 4 * self.settings.queue_size + _REPORT_CAP:
-                self._seen_by_watcher.clear()
+            self.intake.seen_by_watcher(rel)
             if not self.intake.offer_nowait(route, rel):
                 self.request_scan()
             return
@@ -334,11 +346,10 @@ class Discovery:
             return
         if (
             self._watcher_since is not None
-            and rel not in self._seen_by_watcher
+            and not self.intake.was_seen_by_watcher(rel)
             and self._missed_by_watcher(rel)
         ):
             self.metrics.watcher_missed.inc()
-        self._seen_by_watcher.discard(rel)
         await self.intake.offer(route, rel)
 
     def _missed_by_watcher(self, rel: bytes) -> bool:
@@ -405,7 +416,10 @@ class Discovery:
             rust_timeout=5000,
         ):
             if first:
+                # The watcher is running now: a scan catches what arrived while it was
+                # down or starting (the restart backoff), without waiting a whole interval.
                 self._set_mode(self.mode)
+                self.request_scan()
                 first = False
             self.last_heartbeat = time.monotonic()
             for change, path in changes:
