@@ -54,3 +54,14 @@ def test_help_lists_every_command() -> None:
     ).stdout
     for command in ("run", "check-config", "status", "jobs", "show", "retry", "reap"):
         assert command in out
+
+
+def test_a_second_process_on_one_sqlite_ledger_is_refused(tree: FiledockTree) -> None:
+    tree.configure()
+    service = tree.start()
+    second = tree.run_once()
+    assert second.returncode == 2
+    assert "another filedock is already running" in second.stderr
+    assert "PostgreSQL" in second.stderr
+    assert service.stop() == 0
+    assert tree.run_once().returncode == 0  # the lock goes with the process
