@@ -18,14 +18,17 @@ import os
 import re
 import shutil
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import anyio
 
-from service.archive import archive_dir_for, read_json
+from service.archive import archive_dir_for, check_published, read_json
 from service.claim import payload_name, stored_name
+from service.errors import JobError
+from service.fsutil import Barrier
 from service.ledger import JobRecord, Ledger
 from service.logs import job_fields
 from service.metrics import Metrics
@@ -114,7 +117,7 @@ class Recovery:
     ) -> None:
         in_proc = os.path.lexists(self._payload(job))
         final = archive_dir_for(self.archive, job.id)
-        if (final / "manifest.json").exists():
+        if (final / "manifest.json").exists() and await self._archive_verifies(job, final):
             await self._finish_done(job, report, now)
         elif (self.failed / job.id / "error.json").exists():
             doc = read_json(self.failed / job.id / "error.json") or {}
@@ -162,6 +165,30 @@ class Recovery:
                 },
             )
             self._act(report, "inconsistency", job.id, "a job's file is missing", state=job.state)
+
+    async def _archive_verifies(self, job: JobRecord, final: Path) -> bool:
+        """A published archive counts only if it decompresses to the job's SHA-256 (and is
+        made durable): its source is removed next. A bad copy, with its source still in
+        proc/, is set back to be built again."""
+
+        def check() -> bool:
+            barrier = Barrier()
+            try:
+                check_published(final, job, barrier)
+                barrier.flush()
+            except (OSError, EOFError, ValueError, zlib.error, JobError):  # bad copy
+                return False
+            return True
+
+        if job.sha256 is None or await anyio.to_thread.run_sync(check):
+            return True
+        if os.path.lexists(self._payload(job)):
+            await anyio.to_thread.run_sync(shutil.rmtree, final)
+            log.warning(
+                "recovery: a published archive did not verify; it is built again",
+                extra=job_fields(job.id, route=job.route, name=job.name),
+            )
+        return False
 
     async def _finish_done(self, job: JobRecord, report: RecoveryReport, now: float) -> None:
         final = archive_dir_for(self.archive, job.id)

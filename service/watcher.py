@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import stat
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -432,9 +433,10 @@ class Discovery:
             return
         rel = path[len(self._tb) + 1 :]
         try:
-            st_is_dir = os.path.isdir(path) and not os.path.islink(path)
+            st = os.lstat(path)
         except OSError:
-            return
+            return  # gone already: a late event for a file claimed meanwhile
+        st_is_dir = stat.S_ISDIR(st.st_mode)
         c = self.router.classify(rel, is_dir=st_is_dir)
         if st_is_dir and c.kind != "candidate":
             if not self.router.prune_dir(rel.rsplit(b"/", 1)[-1]):

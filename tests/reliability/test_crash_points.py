@@ -97,7 +97,7 @@ def test_chains_of_crashes_at_random_points(rtree: RelTree, outside: Outside, se
     dropped = _drop_mix(rtree, outside, plain, max_attempts=100)
     crashes = 0
     for _ in range(40):
-        point, nth = rng.choice(sorted(POINTS)), rng.randint(1, 12)
+        point, nth = rng.choice(sorted(POINTS)), rng.randint(1, 3)  # mostly reached: long chains
         result = rtree.run_once(env=rtree.env(FILEDOCK_TEST_CRASH_AT=f"{point}:{nth}"))
         if result.returncode != -9:
             assert result.returncode in (0, 1), result.stdout[-3000:] + result.stderr
