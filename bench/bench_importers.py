@@ -1,0 +1,11 @@
+"""Importers for the benchmark: put `bench/` on the service's PYTHONPATH to use them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def read_once(job: Any) -> None:
+    """The no-op import: read the claimed file once, as any real importer would."""
+    with open(job.path, "rb") as f:
+        f.read()
