@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -130,7 +130,6 @@ async def serve_http(
     host: str,
     port: int,
     *,
-    on_bound: Callable[[int], Awaitable[None] | None] | None = None,
     task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until cancelled; reports the bound port (port 0 picks a free one)."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
 import secrets
 import time
 from datetime import UTC, datetime
@@ -100,8 +99,3 @@ def rfc3339(ts: float | None) -> str | None:
         return None
     stamp = datetime.fromtimestamp(ts, UTC)
     return stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond // 1000:03d}Z"
-
-
-def fsdecode(path: bytes) -> str:
-    """For messages only: a bytes path as text, lossless through surrogateescape."""
-    return os.fsdecode(path)

@@ -191,12 +191,9 @@ class Discovery:
         self._watcher_since: float | None = None
         self._unrouted_reported: set[bytes] = set()
         self._ordered = {r.name for r in settings.routes if r.order != "none"}
-        self.last_scan_end = 0.0
         self.backlog_files = 0
         self.backlog_bytes = 0
         self.oldest_mtime: float | None = None
-        self.last_heartbeat = time.monotonic()
-        self.scans = 0
 
     # -- scanning ------------------------------------------------------------------
 
@@ -249,14 +246,11 @@ class Discovery:
             found = self._sort_chunk(chunk, tally, ordered)
             for route, rel in found:
                 await self._found(route, rel, from_watcher=False)
-            self.last_heartbeat = time.monotonic()
             if len(chunk) < _CHUNK or self.stop.is_set():
                 break
         for _, rel, route in sorted(ordered):
             await self._found(route, rel, from_watcher=False)
         if subdir is None:
-            self.scans += 1
-            self.last_scan_end = time.time()
             self.metrics.unrouted_files.set(tally.unrouted)
             self.metrics.stalled_uploads.set(self.readiness.stalled_count())
             self.metrics.scan_duration.observe(time.monotonic() - started)
@@ -422,7 +416,6 @@ class Discovery:
                 self._set_mode(self.mode)
                 self.request_scan()
                 first = False
-            self.last_heartbeat = time.monotonic()
             for change, path in changes:
                 if change == Change.deleted:
                     continue
