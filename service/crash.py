@@ -31,58 +31,47 @@ POINTS = frozenset(
 )
 
 
-def _parse(spec: str) -> tuple[str, int] | None:
-    if not spec:
-        return None
-    point, _, nth = spec.partition(":")
-    if point not in POINTS:
-        raise ValueError(
-            f"FILEDOCK_TEST_CRASH_AT: unknown point {point!r}; known: {sorted(POINTS)}"
-        )
-    return point, int(nth or "1")
+class _Trigger:
+    """`VAR=point:nth` from the environment: fires the nth time `point` is passed."""
+
+    def __init__(self, var: str, points: frozenset[str]) -> None:
+        self.var = var
+        self.point: str | None = None
+        self.nth = 0
+        self.count = 0
+        spec = os.environ.get(var, "")
+        if spec:
+            point, _, nth = spec.partition(":")
+            if point not in points:
+                raise ValueError(f"{var}: unknown point {point!r}; known: {sorted(points)}")
+            self.point, self.nth = point, int(nth or "1")
+
+    def fires(self, name: str) -> bool:
+        if self.point != name:
+            return False
+        with _lock:
+            self.count += 1
+            return self.count == self.nth
 
 
-_target = _parse(os.environ.get("FILEDOCK_TEST_CRASH_AT", ""))
-_count = 0
 _lock = threading.Lock()
+_crash = _Trigger("FILEDOCK_TEST_CRASH_AT", POINTS)
 
 
 def crash_point(name: str) -> None:
     """SIGKILL this process here when the test setting asks for it; otherwise nothing."""
-    global _count
-    if _target is None or _target[0] != name:
-        return
-    with _lock:
-        _count += 1
-        if _count == _target[1]:
-            os.kill(os.getpid(), signal.SIGKILL)
+    if _crash.fires(name):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # `FILEDOCK_TEST_FAIL_FSYNC=point:nth`: the nth barrier at `point` fails with EIO, as a
 # failing disk would. Points: build (the archive copy, before its rename), publish
 # (after the rename). Inert unless set; test-only.
 FSYNC_POINTS = frozenset({"build", "publish"})
-
-
-def _parse_fsync(spec: str) -> tuple[str, int] | None:
-    if not spec:
-        return None
-    point, _, nth = spec.partition(":")
-    if point not in FSYNC_POINTS:
-        raise ValueError(f"FILEDOCK_TEST_FAIL_FSYNC: unknown point {point!r}")
-    return point, int(nth or "1")
-
-
-_fsync_target = _parse_fsync(os.environ.get("FILEDOCK_TEST_FAIL_FSYNC", ""))
-_fsync_count = 0
+_fsync = _Trigger("FILEDOCK_TEST_FAIL_FSYNC", FSYNC_POINTS)
 
 
 def fsync_fault(name: str) -> None:
     """Raise EIO here the nth time when the test setting asks for it; otherwise nothing."""
-    global _fsync_count
-    if _fsync_target is None or _fsync_target[0] != name:
-        return
-    with _lock:
-        _fsync_count += 1
-        if _fsync_count == _fsync_target[1]:
-            raise OSError(errno.EIO, os.strerror(errno.EIO), "(FILEDOCK_TEST_FAIL_FSYNC)")
+    if _fsync.fires(name):
+        raise OSError(errno.EIO, os.strerror(errno.EIO), "(FILEDOCK_TEST_FAIL_FSYNC)")

@@ -269,7 +269,7 @@ class FiledockTree:
     # -- looking at the result -------------------------------------------------------
 
     def rows(self) -> list[dict[str, Any]]:
-        db = self.root / "state" / "ledger.sqlite3"
+        db = self.folder("state") / "ledger.sqlite3"
         if not db.exists():
             return []
         conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)

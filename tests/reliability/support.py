@@ -52,21 +52,6 @@ class RelTree(FiledockTree):
     def env(self, **extra: str) -> dict[str, str]:
         return super().env(PYTHONDONTWRITEBYTECODE="1", **extra)
 
-    def rows(self) -> list[dict[str, Any]]:
-        db = self.folder("state") / "ledger.sqlite3"
-        if not db.exists():
-            return []
-        import sqlite3
-
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-        conn.row_factory = sqlite3.Row
-        try:
-            return [dict(r) for r in conn.execute("SELECT * FROM jobs ORDER BY id")]
-        except sqlite3.OperationalError:
-            return []
-        finally:
-            conn.close()
-
     def start_argv(
         self, prefix: list[str], *, env: dict[str, str] | None = None, wait_ready: bool = True
     ) -> Service:
