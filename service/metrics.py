@@ -159,9 +159,15 @@ class Metrics:
         self.watcher_restarts = Counter(
             p + "watcher_restarts_total", "Times the file watcher died and restarted.", registry=r
         )
+        self.watcher_overflows = Counter(
+            p + "watcher_overflows_total",
+            "Times the kernel's inotify queue overflowed (events lost; a full scan follows).",
+            registry=r,
+        )
         self.watcher_missed = Counter(
             p + "watcher_missed_files_total",
-            "Files found by a reconciliation scan that the watcher never reported.",
+            "Files a reconciliation scan found that the watcher never reported, "
+            "with no queue overflow to explain it.",
             registry=r,
         )
         self.scan_duration = Histogram(

@@ -1,29 +1,31 @@
 """Discovery: find ready files in `transfer/` and queue them, bounded, per route.
 
-Scans are the truth and events only cut latency: watchfiles loses events under
-load, drops the kernel's overflow, dies on a non-UTF-8 name and misses files in
-new subfolders (RELIABILITY.md). So a full scan runs at start, every
-`scan_interval_s`, after each watcher restart, and a subfolder is scanned when
-it appears. A scan walks the tree lazily and waits when a route's queue is
-full: a backlog stays on disk, and memory does not grow with it.
+Scans are the truth and events only cut latency: the kernel's inotify queue
+overflows under a burst, a new subfolder's first files can come before its watch,
+and watchfiles (used for `poll`, and for `events` where there is no inotify) loses
+events and dies on a non-UTF-8 name (RELIABILITY.md). So a full scan runs at
+start, every `scan_interval_s`, after each watcher restart or overflow, and a
+subfolder is scanned when it appears. A scan walks the tree lazily and waits when
+a route's queue is full: a backlog stays on disk, and memory does not grow with it.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import anyio
+import anyio.lowlevel
 from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from service.inotify import TreeWatch, WatchLimitReached, inotify_available
 from service.logs import job_fields
 from service.metrics import Metrics
 from service.readiness import Readiness
@@ -41,7 +43,8 @@ _CHUNK = 1024
 # (kind, route, relative path, stat of a routed file)
 _Found = tuple[str, str | None, bytes, os.stat_result | None]
 _REPORT_CAP = 10_000  # unrouted/stalled names remembered to report each once
-_SEEN_CAP = 200_000  # names the watcher reported, kept to tell what it missed
+_SEEN_CAP = 10_000  # names the watcher reported while their queue was full
+_CHECKPOINT_EVERY = 512  # watcher events handled between two yields to the loop
 
 
 @dataclass
@@ -78,9 +81,12 @@ class Intake:
             )
         self._queued: set[bytes] = set()
         self._metrics = metrics
-        # Files the watcher reported and that are not claimed yet (insertion-ordered, so
-        # that a flood past the cap forgets the oldest names, not all of them).
-        self._reported: dict[bytes, None] = {}
+        # Files the watcher reported while their queue was full: a scan queues them
+        # later and must not count them as missed by the watcher. Past the cap (or after
+        # an inotify overflow) names are not known, and files that appeared before
+        # `misses_unknown_before` are not judged.
+        self._reported: set[bytes] = set()
+        self.misses_unknown_before = 0.0
 
     def __contains__(self, rel: bytes) -> bool:
         return rel in self._queued
@@ -113,17 +119,18 @@ class Intake:
         return len(self._queued)
 
     def seen_by_watcher(self, rel: bytes) -> None:
-        self._reported[rel] = None
-        if len(self._reported) > _SEEN_CAP:
-            for old in list(itertools.islice(self._reported, _SEEN_CAP // 10)):
-                del self._reported[old]
+        """The watcher reported a file that found its queue full."""
+        if len(self._reported) < _SEEN_CAP:
+            self._reported.add(rel)
+        else:
+            self.misses_unknown_before = time.time()
 
     def was_seen_by_watcher(self, rel: bytes) -> bool:
         return rel in self._reported
 
     def release(self, rel: bytes) -> None:
         """The file left the queue (claimed, or gone)."""
-        self._reported.pop(rel, None)
+        self._reported.discard(rel)
         self._queued.discard(rel)
         self._metrics.queue_depth.set(len(self._queued))
 
@@ -189,6 +196,9 @@ class Discovery:
         self._want_full = True
         self._subdirs: set[bytes] = set()
         self._watcher_since: float | None = None
+        self._tree: TreeWatch | None = None  # inotify, while the watcher runs on it
+        self._watch_scope: anyio.CancelScope | None = None
+        self._watch_error: Exception | None = None
         self._unrouted_reported: set[bytes] = set()
         self._ordered = {r.name for r in settings.routes if r.order != "none"}
         self.backlog_files = 0
@@ -202,7 +212,8 @@ class Discovery:
         log.info("discovery started", extra={"mode": self.mode, "path": str(self.transfer)})
         async with anyio.create_task_group() as tg:
             if self.mode != "scan":
-                tg.start_soon(self._supervise_watcher)
+                # Watch first, then scan: whatever the scan does not see, the watch does.
+                await tg.start(self._supervise_watcher)
             task_status.started()
             await self._scan_loop()
             tg.cancel_scope.cancel()
@@ -264,6 +275,9 @@ class Discovery:
         """Count a chunk of a scan; return the files to queue now (ordered lanes wait)."""
         found: list[tuple[str, bytes]] = []
         for kind, route, rel, st in chunk:
+            if kind == "folder":
+                self._watch_folder(rel)
+                continue
             if kind in ("unrouted", "orphan_companion") and len(tally.flagged) < _REPORT_CAP:
                 tally.flagged.add(rel)
             if kind == "unrouted":
@@ -303,6 +317,7 @@ class Discovery:
                     if is_dir and c.kind != "candidate":
                         if not self.router.prune_dir(entry.name):
                             stack.append(rel)
+                            yield "folder", None, rel, None
                         continue
                     if c.kind == "ignored" and c.route is not None:
                         self.readiness.temp_file(c.route, rel, entry)
@@ -333,8 +348,8 @@ class Discovery:
 
     async def _found(self, route: str, rel: bytes, *, from_watcher: bool) -> None:
         if from_watcher:
-            self.intake.seen_by_watcher(rel)
             if not self.intake.offer_nowait(route, rel):
+                self.intake.seen_by_watcher(rel)
                 self.request_scan()
             return
         if rel in self.intake:
@@ -353,7 +368,7 @@ class Discovery:
             st = os.lstat(self._tb + b"/" + rel)
         except OSError:
             return False
-        since = self._watcher_since or 0.0
+        since = max(self._watcher_since or 0.0, self.intake.misses_unknown_before)
         appeared = max(st.st_mtime, st.st_ctime)
         return since < appeared < time.time() - 2.0 - self.settings.debounce_ms / 1000
 
@@ -366,25 +381,41 @@ class Discovery:
 
     # -- watching ------------------------------------------------------------------
 
-    async def _supervise_watcher(self) -> None:
+    async def _supervise_watcher(
+        self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
         """Run the watcher; when it dies, log, count, rescan at once and restart with backoff."""
-        backoff = 1.0
+        backoff, first = 1.0, True
+
+        def watching() -> None:
+            nonlocal first
+            if first:
+                first = False
+                task_status.started()
+
         while not self.stop.is_set():
             started = time.monotonic()
+            self._watch_error = None
             try:
-                await self._watch()
+                with anyio.CancelScope() as self._watch_scope:
+                    await self._watch(watching, rescan=not first)
+                if self._watch_error is not None:
+                    raise self._watch_error
             except Exception as e:
                 self.metrics.watcher_restarts.inc()
                 self._set_mode("scan")
                 log.error(
                     "file watcher died; scanning until it restarts",
-                    extra={"error": repr(e)[:500], "retry_in_s": backoff},
+                    extra={"error": str(e)[:500] or repr(e), "retry_in_s": backoff},
                 )
             else:
                 if self.stop.is_set():
                     return
                 self.metrics.watcher_restarts.inc()
                 log.warning("file watcher stopped; restarting", extra={"retry_in_s": backoff})
+            finally:
+                self._watch_scope = None
+            watching()
             self._watcher_since = None
             self.request_scan()
             if time.monotonic() - started > 60:
@@ -393,10 +424,58 @@ class Discovery:
                 await self.stop.wait()
             backoff = min(backoff * 2, 60.0)
 
-    async def _watch(self) -> None:
+    async def _watch(self, watching: Callable[[], None], *, rescan: bool) -> None:
+        if self.mode == "events" and inotify_available():
+            await self._watch_inotify(watching, rescan=rescan)
+        else:
+            await self._watch_watchfiles(watching)
+
+    async def _watch_inotify(self, watching: Callable[[], None], *, rescan: bool) -> None:
+        with TreeWatch(self._tb) as tree:
+            self._tree = tree
+            try:
+                self._watcher_since = time.time()
+                self._set_mode(self.mode)
+                watching()
+                if rescan:
+                    self.request_scan()  # what came while it was down; re-adds folder watches
+                while not self.stop.is_set():
+                    for n, ev in enumerate(await tree.events(), 1):
+                        if ev.overflow:
+                            self._overflowed()
+                        else:
+                            await self._on_event(ev.rel, is_dir=ev.is_dir)
+                        if n % _CHECKPOINT_EVERY == 0:
+                            await anyio.lowlevel.checkpoint()
+            finally:
+                self._tree = None
+
+    def _overflowed(self) -> None:
+        """The kernel dropped events: a full scan finds those files (not counted as missed)."""
+        self.metrics.watcher_overflows.inc()
+        self.intake.misses_unknown_before = time.time()
+        log.warning(
+            "inotify queue overflowed; scanning for the files it lost",
+            extra={"hint": "raise fs.inotify.max_queued_events if this repeats"},
+        )
+        self.request_scan()
+
+    def _watch_folder(self, rel: bytes) -> None:
+        """Watch a subfolder a scan or an event found; on the watch limit, fall back to scans."""
+        if self._tree is None:
+            return
+        try:
+            self._tree.add(rel)
+        except WatchLimitReached as e:
+            if self._watch_scope is not None and self._watch_error is None:
+                self._watch_error = e
+                self._watch_scope.cancel()
+
+    async def _watch_watchfiles(self, watching: Callable[[], None]) -> None:
         from watchfiles import Change, awatch
 
         self._watcher_since = time.time()
+        watching()
         first = True
         async for changes in awatch(
             self.transfer,
@@ -419,21 +498,24 @@ class Discovery:
             for change, path in changes:
                 if change == Change.deleted:
                     continue
-                await self._on_event(os.fsencode(path))
+                full = os.fsencode(path)
+                if full.startswith(self._tb + b"/"):
+                    await self._on_event(full[len(self._tb) + 1 :], is_dir=None)
 
-    async def _on_event(self, path: bytes) -> None:
-        if not path.startswith(self._tb + b"/"):
-            return
-        rel = path[len(self._tb) + 1 :]
-        try:
-            st = os.lstat(path)
-        except OSError:
-            return  # gone already: a late event for a file claimed meanwhile
-        st_is_dir = stat.S_ISDIR(st.st_mode)
-        c = self.router.classify(rel, is_dir=st_is_dir)
-        if st_is_dir and c.kind != "candidate":
+    async def _on_event(self, rel: bytes, *, is_dir: bool | None) -> None:
+        """A watcher saw `rel` appear (`is_dir` None: it does not say what it is)."""
+        if not is_dir:
+            try:
+                st = os.lstat(self._tb + b"/" + rel)
+            except OSError:
+                return  # gone already: a late event for a file claimed meanwhile
+            is_dir = stat.S_ISDIR(st.st_mode)
+        c = self.router.classify(rel, is_dir=is_dir)
+        if is_dir and c.kind != "candidate":
             if not self.router.prune_dir(rel.rsplit(b"/", 1)[-1]):
-                self.request_scan(rel)  # files inside a new folder are often missed
+                # Watch it, then scan it: files written before the watch are found.
+                self._watch_folder(rel)
+                self.request_scan(rel)
             return
         if c.kind == "candidate" and c.route is not None:
             if c.route.name in self._ordered:

@@ -24,6 +24,30 @@ def test_each_mode_finds_files_and_says_which_it_uses(tree: FiledockTree, mode: 
     service.stop()
 
 
+def test_events_find_files_in_new_folders_without_waiting_for_a_periodic_scan(
+    tree: FiledockTree,
+) -> None:
+    tree.configure(watch_mode="events", scan_interval_s=300)
+    service = tree.start()
+    tree.drop("new/deeper/still/a.csv", b"a")  # folders made a moment before the file
+    staged = tree.root / "staged"
+    (staged / "inner").mkdir(parents=True)
+    (staged / "inner" / "b.csv").write_bytes(b"b")
+    (staged / "c.csv").write_bytes(b"c")
+    staged.rename(tree.transfer / "moved-in")  # a whole folder renamed in, files and all
+    tree.drop("new/deeper/d.csv", b"d")  # into a folder the watcher found itself
+    tree.wait_final(4, timeout=30)
+    names = sorted(bytes(r["relative_path"]) for r in tree.rows())
+    assert names == [
+        b"moved-in/c.csv",
+        b"moved-in/inner/b.csv",
+        b"new/deeper/d.csv",
+        b"new/deeper/still/a.csv",
+    ]
+    assert b"\nfiledock_watcher_restarts_total 0.0\n" in service.get("/metrics")[1]
+    service.stop()
+
+
 def test_auto_scans_on_network_filesystems(tmp_path: Path) -> None:
     mounts = tmp_path / "mounts"
     mounts.write_text(
