@@ -68,7 +68,11 @@ class TreeWatch:
         self._ino = INotify(nonblocking=True)
         self._rel: dict[int, bytes] = {}  # watch descriptor -> folder relative to root
         self._wd: dict[bytes, int] = {}
-        self._root_wd = self._add_watch(b"")
+        try:
+            self._root_wd = self._add_watch(b"")
+        except BaseException:
+            self._ino.close()
+            raise
 
     def close(self) -> None:
         self._ino.close()
