@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from dataclasses import dataclass
 
 import anyio
@@ -61,10 +62,15 @@ def inotify_available() -> bool:
 
 
 class TreeWatch:
-    """Watches a folder and the subfolders added with `add`; `events()` yields batches."""
+    """Watches a folder and the subfolders added with `add`; `events()` yields batches.
+
+    `add` may be called from a scan's worker thread while the event loop reads events:
+    the folder maps are changed under a lock.
+    """
 
     def __init__(self, root: bytes) -> None:
         self._root = root
+        self._lock = threading.Lock()
         self._ino = INotify(nonblocking=True)
         self._rel: dict[int, bytes] = {}  # watch descriptor -> folder relative to root
         self._wd: dict[bytes, int] = {}
@@ -90,7 +96,8 @@ class TreeWatch:
     def add(self, rel: bytes) -> None:
         """Watch a subfolder (relative to the root). Raises `WatchLimitReached`."""
         if rel not in self._wd:
-            self._add_watch(rel)
+            with self._lock:
+                self._add_watch(rel)
 
     def _add_watch(self, rel: bytes) -> int:
         path = self._root + b"/" + rel if rel else self._root
@@ -141,9 +148,10 @@ class TreeWatch:
             if mask & flags.IGNORED:  # the watch ended: its folder was removed
                 if ev.wd == self._root_wd:
                     raise OSError(errno.ENOENT, "the watched folder was removed or moved")
-                rel = self._rel.pop(ev.wd, None)
-                if rel is not None and self._wd.get(rel) == ev.wd:
-                    del self._wd[rel]
+                with self._lock:
+                    rel = self._rel.pop(ev.wd, None)
+                    if rel is not None and self._wd.get(rel) == ev.wd:
+                        del self._wd[rel]
                 continue
             parent = self._rel.get(ev.wd)
             if parent is None:
@@ -153,7 +161,8 @@ class TreeWatch:
             is_dir = bool(mask & flags.ISDIR)
             if mask & flags.MOVED_FROM:
                 if is_dir:
-                    self._forget(rel)
+                    with self._lock:
+                        self._forget(rel)
                 continue
             if mask & flags.CREATE and not is_dir:
                 continue  # a file being written: its CLOSE_WRITE (or rename) follows

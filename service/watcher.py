@@ -254,6 +254,7 @@ class Discovery:
         ordered: list[tuple[float, bytes, str]] = []  # (mtime, path, route): oldest first
         while True:
             chunk = await anyio.to_thread.run_sync(_take, walker, _CHUNK)
+            self._raise_watch_error()
             found = self._sort_chunk(chunk, tally, ordered)
             for route, rel in found:
                 await self._found(route, rel, from_watcher=False)
@@ -275,9 +276,6 @@ class Discovery:
         """Count a chunk of a scan; return the files to queue now (ordered lanes wait)."""
         found: list[tuple[str, bytes]] = []
         for kind, route, rel, st in chunk:
-            if kind == "folder":
-                self._watch_folder(rel)
-                continue
             if kind in ("unrouted", "orphan_companion") and len(tally.flagged) < _REPORT_CAP:
                 tally.flagged.add(rel)
             if kind == "unrouted":
@@ -316,8 +314,9 @@ class Discovery:
                     c = self.router.classify(rel, is_dir=is_dir)
                     if is_dir and c.kind != "candidate":
                         if not self.router.prune_dir(entry.name):
+                            # Watched before it is listed: nothing falls between the two.
+                            self._watch_folder(rel)
                             stack.append(rel)
-                            yield "folder", None, rel, None
                         continue
                     if c.kind == "ignored" and c.route is not None:
                         self.readiness.temp_file(c.route, rel, entry)
@@ -461,15 +460,22 @@ class Discovery:
         self.request_scan()
 
     def _watch_folder(self, rel: bytes) -> None:
-        """Watch a subfolder a scan or an event found; on the watch limit, fall back to scans."""
-        if self._tree is None:
+        """Watch a subfolder a scan (in its thread) or an event found, before it is listed."""
+        tree = self._tree
+        if tree is None:
             return
         try:
-            self._tree.add(rel)
+            tree.add(rel)
         except WatchLimitReached as e:
-            if self._watch_scope is not None and self._watch_error is None:
-                self._watch_error = e
-                self._watch_scope.cancel()
+            if self._watch_error is None:
+                self._watch_error = e  # the event loop stops the watcher: _raise_watch_error
+        except (OSError, ValueError):
+            pass  # unreadable (scans report it), or the watcher stopped meanwhile
+
+    def _raise_watch_error(self) -> None:
+        """Stop the watcher (it restarts with backoff) when a folder could not be watched."""
+        if self._watch_error is not None and self._watch_scope is not None:
+            self._watch_scope.cancel()
 
     async def _watch_watchfiles(self, watching: Callable[[], None]) -> None:
         from watchfiles import Change, awatch
@@ -515,6 +521,7 @@ class Discovery:
             if not self.router.prune_dir(rel.rsplit(b"/", 1)[-1]):
                 # Watch it, then scan it: files written before the watch are found.
                 self._watch_folder(rel)
+                self._raise_watch_error()
                 self.request_scan(rel)
             return
         if c.kind == "candidate" and c.route is not None:
