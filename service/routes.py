@@ -112,6 +112,8 @@ class Router:
             if any(p.match(base) for p in cr.ignore):
                 return Classified("ignored", cr.route)
             return Classified("candidate", cr.route)
+        if self._routes and all(any(p.match(base) for p in cr.ignore) for cr in self._routes):
+            return Classified("ignored")  # an upload in progress, wherever it is written
         return Classified("unrouted")
 
     def companion_has_file(self, route: Route, rel: bytes, transfer: bytes) -> bool:

@@ -41,6 +41,9 @@ def test_first_match_wins_and_temp_names_are_ignored() -> None:
     assert router.classify(b"x/.hidden").kind == "ignored"
     only = Router([route("orders", "orders/*.csv")])
     assert only.classify(b"other/a.csv").kind == "unrouted"
+    # An upload still under its temp name is not reported as unrouted, wherever it is.
+    assert only.classify(b"other/.upload-1f3a").kind == "ignored"
+    assert only.classify(b"other/a.csv.part").kind == "ignored"
     assert only.prune_dir(b".staging") and not only.prune_dir(b"eu")
 
 
