@@ -8,7 +8,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,29 +139,46 @@ def _stage(staging: Path, n: int, size: int, *, hashes: bool) -> tuple[list[str]
     return names, sources
 
 
+def _rounds(
+    ctx: Ctx,
+    scenario: str,
+    contenders: Sequence[str],
+    n: int,
+    measure: Callable[[str, Path, Path, list[str], dict[str, str], int], dict[str, Any]],
+    describe: Callable[[dict[str, Any]], str],
+) -> dict[str, list[dict[str, Any]]]:
+    """`ctx.runs` rounds, each contender in turn on `n` fresh 1 KiB files: results by name."""
+    runs: dict[str, list[dict[str, Any]]] = {c: [] for c in contenders}
+    for r in range(ctx.runs):
+        for who in contenders:
+            work = ctx.fresh(f"{scenario}-{who}-{r}")
+            staging = work / "staging"
+            names, sources = _stage(staging, n, 1024, hashes=who == "filedock")
+            res = measure(who, work, staging, names, sources, r)
+            res["loadavg_1m"] = os.getloadavg()[0]
+            runs[who].append(res)
+            ctx.log(f"  {scenario} run {r + 1}/{ctx.runs} {who}: {describe(res)}")
+            ctx.clean(work)
+    return runs
+
+
 # -- 1. burst --------------------------------------------------------------------------
 
 
 def burst(ctx: Ctx) -> dict[str, Any]:
     n = ctx.burst_files
     order = [c for c in ("floor", "peer", "filedock") if c in ctx.contenders]
-    runs: dict[str, list[dict[str, Any]]] = {c: [] for c in order}
-    for r in range(ctx.runs):
-        for who in order:
-            work = ctx.fresh(f"burst-{who}-{r}")
-            staging = work / "staging"
-            names, sources = _stage(staging, n, 1024, hashes=who == "filedock")
-            if who == "floor":
-                res = _burst_floor(work, staging, names)
-            elif who == "peer":
-                res = _burst_peer(ctx, work, staging, names)
-            else:
-                res = _burst_filedock(ctx, work, staging, names, sources, f"burst-{r}")
-            res["loadavg_1m"] = os.getloadavg()[0]
-            runs[who].append(res)
-            ctx.log(f"  burst run {r + 1}/{ctx.runs} {who}: {_fmt_run(res)}")
-            ctx.clean(work)
-    return _burst_summary(runs)
+
+    def measure(
+        who: str, work: Path, staging: Path, names: list[str], sources: dict[str, str], r: int
+    ) -> dict[str, Any]:
+        if who == "floor":
+            return _burst_floor(work, staging, names)
+        if who == "peer":
+            return _burst_peer(ctx, work, staging, names)
+        return _burst_filedock(ctx, work, staging, names, sources, f"burst-{r}")
+
+    return _burst_summary(_rounds(ctx, "burst", order, n, measure, _fmt_run))
 
 
 def _burst_floor(work: Path, staging: Path, names: list[str]) -> dict[str, Any]:
@@ -278,21 +295,15 @@ def sustained(ctx: Ctx) -> dict[str, Any]:
     contenders = ["filedock"] + (
         ["peer"] if ctx.peer_sustained and "peer" in ctx.contenders else []
     )
-    runs: dict[str, list[dict[str, Any]]] = {c: [] for c in contenders}
-    for r in range(ctx.runs):
-        for who in contenders:
-            work = ctx.fresh(f"sustained-{who}-{r}")
-            staging = work / "staging"
-            names, sources = _stage(staging, n, 1024, hashes=who == "filedock")
-            if who == "filedock":
-                res = _sustained_filedock(ctx, work, staging, names, sources, f"sustained-{r}")
-            else:
-                res = _sustained_peer(ctx, work, staging, names)
-            res["loadavg_1m"] = os.getloadavg()[0]
-            runs[who].append(res)
-            ctx.log(f"  sustained run {r + 1}/{ctx.runs} {who}: {_fmt_lat(res)}")
-            ctx.clean(work)
-    return _sustained_summary(runs)
+
+    def measure(
+        who: str, work: Path, staging: Path, names: list[str], sources: dict[str, str], r: int
+    ) -> dict[str, Any]:
+        if who == "filedock":
+            return _sustained_filedock(ctx, work, staging, names, sources, f"sustained-{r}")
+        return _sustained_peer(ctx, work, staging, names)
+
+    return _sustained_summary(_rounds(ctx, "sustained", contenders, n, measure, _fmt_lat))
 
 
 def _produce(staging: Path, transfer: Path, names: list[str], rate: float) -> dict[str, float]:
