@@ -51,6 +51,13 @@ def _burst(r: dict[str, Any], rows: list[Row]) -> None:
     )
     c = r["cpu_ms_per_file"]
     rows.append(("", "CPU ms per file", fmt(c.get("floor"), 2), "", fmt(c.get("filedock"), 2)))
+    if "layout" in f:
+        # The floor again with filedock's folders (4 new inodes a file, not 1): its own rows.
+        rows.append(("", "layout floor: files/s", fmt(f["layout"]), "", ""))
+        rows.append(("", "layout floor: CPU ms per file", fmt(c.get("layout"), 2), "", ""))
+        rows.append(
+            ("", "filedock ÷ layout floor", fmt(r.get("filedock_vs_layout"), 2, "x"), "", "")
+        )
     if "peer_dropped" in r or "filedock_peak_rss_mib" in r:
         rows.append(("", "files dropped", "0", fmt(r.get("peer_dropped")), "0 (verified)"))
     if "filedock_peak_rss_mib" in r:

@@ -22,7 +22,13 @@ from fdbench.common import (
     rename_all,
     summary,
 )
-from fdbench.contenders import Filedock, Peer, run_floor, verify_filedock
+from fdbench.contenders import (
+    Filedock,
+    Peer,
+    run_floor,
+    run_layout_floor,
+    verify_filedock,
+)
 
 
 @dataclass
@@ -44,7 +50,7 @@ class Ctx:
     idle_unrouted: int
     peer_sustained: bool
     peer_big: bool
-    contenders: tuple[str, ...] = ("floor", "peer", "filedock")
+    contenders: tuple[str, ...] = ("floor", "layout", "peer", "filedock")
     py_spy: Path | None = None
     log: Callable[[str], None] = print
     lost_files: int = 0
@@ -167,13 +173,13 @@ def _rounds(
 
 def burst(ctx: Ctx) -> dict[str, Any]:
     n = ctx.burst_files
-    order = [c for c in ("floor", "peer", "filedock") if c in ctx.contenders]
+    order = [c for c in ("floor", "layout", "peer", "filedock") if c in ctx.contenders]
 
     def measure(
         who: str, work: Path, staging: Path, names: list[str], sources: dict[str, str], r: int
     ) -> dict[str, Any]:
-        if who == "floor":
-            return _burst_floor(work, staging, names)
+        if who in ("floor", "layout"):
+            return _burst_floor(work, staging, names, layout=who == "layout")
         if who == "peer":
             return _burst_peer(ctx, work, staging, names)
         return _burst_filedock(ctx, work, staging, names, sources, f"burst-{r}")
@@ -181,12 +187,15 @@ def burst(ctx: Ctx) -> dict[str, Any]:
     return _burst_summary(_rounds(ctx, "burst", order, n, measure, _fmt_run))
 
 
-def _burst_floor(work: Path, staging: Path, names: list[str]) -> dict[str, Any]:
+def _burst_floor(
+    work: Path, staging: Path, names: list[str], *, layout: bool = False
+) -> dict[str, Any]:
     transfer = work / "transfer"
     transfer.mkdir()
     rename_all(staging, transfer, names)
     os.sync()
-    out = run_floor(transfer, work / "proc", work / "archive" / "day")
+    run = run_layout_floor if layout else run_floor
+    out = run(transfer, work / "proc", work / "archive" / "day")
     n = out["files"]
     return {
         "files": n,
@@ -261,14 +270,14 @@ def _burst_summary(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     out: dict[str, Any] = {"runs": runs, "files_per_s": s, "targets": []}
     out["cpu_ms_per_file"] = {
         who: summary([r["cpu_ms_per_file"] for r in runs[who]])
-        for who in ("filedock", "floor")
+        for who in ("filedock", "floor", "layout")
         if who in runs
     }
     if fd:
         out["filedock_peak_rss_mib"] = summary([r["peak_rss_mib"] for r in fd])
     if "peer" in runs:
         out["peer_dropped"] = summary([r["dropped"] for r in runs["peer"]])
-    for who, bound in (("floor", 0.8), ("peer", 6.0)):
+    for who, bound in (("floor", 0.8), ("layout", None), ("peer", 6.0)):
         if not fd or who not in runs:
             continue
         per_run = [
@@ -281,6 +290,8 @@ def _burst_summary(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         a_med, b_med = s["filedock"]["median"], s[who]["median"]
         paired["ratio_of_medians"] = a_med / b_med if a_med and b_med else None
         out[f"filedock_vs_{who}"] = paired
+        if bound is None:  # the layout floor explains the floor target; it has none itself
+            continue
         out["targets"].append(
             _target(f"burst ≥ {bound:g} x {who}", paired["median"], ">=", bound, "x")
         )
