@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 import threading
 from dataclasses import dataclass
 
@@ -40,7 +41,7 @@ _MASK = (
 
 
 class WatchLimitReached(OSError):
-    """The user's inotify watch (or instance) limit is exhausted."""
+    """The user's inotify watch limit (or instance limit) is exhausted."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,11 +55,8 @@ _Events = list[WatchEvent]
 
 
 def inotify_available() -> bool:
-    try:
-        INotify().close()
-    except (OSError, AttributeError):  # not Linux, or no instance left
-        return False
-    return True
+    """Linux: the kernel's inotify serves `events` mode (elsewhere, watchfiles does)."""
+    return sys.platform.startswith("linux")
 
 
 class TreeWatch:
@@ -71,7 +69,14 @@ class TreeWatch:
     def __init__(self, root: bytes) -> None:
         self._root = root
         self._lock = threading.Lock()
-        self._ino = INotify(nonblocking=True)
+        try:
+            self._ino = INotify(nonblocking=True)
+        except OSError as e:
+            if e.errno == errno.EMFILE:
+                raise WatchLimitReached(
+                    e.errno, "inotify instance limit reached (fs.inotify.max_user_instances)"
+                ) from e
+            raise
         self._rel: dict[int, bytes] = {}  # watch descriptor -> folder relative to root
         self._wd: dict[bytes, int] = {}
         try:

@@ -340,30 +340,25 @@ def as_user(uid: int = NOBODY) -> list[str]:
     return [str(setpriv), f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--"]
 
 
-def in_userns_with_watch_limit(limit: int) -> list[str]:
-    """argv prefix: a new user namespace whose inotify watch limit is `limit`.
+def in_userns_with_inotify_limit(setting: str, limit: int) -> list[str]:
+    """argv prefix: a new user namespace whose inotify `setting` is `limit`.
 
-    `/proc/sys/user/max_inotify_watches` is per user namespace (Linux >= 5.11): the limit
-    is lowered for the service alone, and nothing machine-wide changes.
+    `setting` is `max_inotify_watches` or `max_inotify_instances`: both are per user
+    namespace under `/proc/sys/user/` (Linux >= 5.11), so the limit is lowered for the
+    service alone, and nothing machine-wide changes.
     """
     unshare = shutil.which("unshare")
     if unshare is None:
         skip_or_fail("unshare (util-linux) is not installed")
+    knob = f"/proc/sys/user/{setting}"
     probe = subprocess.run(
-        [
-            str(unshare),
-            "--user",
-            "--map-root-user",
-            "sh",
-            "-c",
-            "echo 7 > /proc/sys/user/max_inotify_watches && cat /proc/sys/user/max_inotify_watches",
-        ],
+        [str(unshare), "--user", "--map-root-user", "sh", "-c", f"echo 7 > {knob} && cat {knob}"],
         capture_output=True,
         text=True,
     )
     if probe.returncode != 0 or probe.stdout.strip() != "7":
-        skip_or_fail(f"cannot lower the inotify watch limit in a user namespace: {probe.stderr}")
-    script = f'echo {limit} > /proc/sys/user/max_inotify_watches && exec "$@"'
+        skip_or_fail(f"cannot lower {setting} in a user namespace: {probe.stderr}")
+    script = f'echo {limit} > {knob} && exec "$@"'
     return [str(unshare), "--user", "--map-root-user", "--", "sh", "-c", script, "sh"]
 
 
@@ -411,7 +406,7 @@ __all__ = [
     "failing_writeback_fs",
     "fill",
     "imports_per_job",
-    "in_userns_with_watch_limit",
+    "in_userns_with_inotify_limit",
     "metric",
     "metrics",
     "nonroot_base",

@@ -7,9 +7,9 @@
 - A non-UTF-8 name is just a name to the inotify reader; it kills watchfiles' generator
   (`poll` mode): the watcher restarts and keeps working, and files arriving during the
   restart are not left behind.
-- The inotify watch limit is exhausted: the service falls back to scanning, says so, and
-  does not crash-loop. The limit is lowered in a user namespace of the service's own
-  (`/proc/sys/user/max_inotify_watches`): nothing machine-wide changes.
+- The inotify watch limit, or the instance limit, is exhausted: the service falls back to
+  scanning, says so, and does not crash-loop. The limit is lowered in a user namespace of
+  the service's own (`/proc/sys/user/max_inotify_*`): nothing machine-wide changes.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from conftest import Service
 
 from reliability.support import (
     RelTree,
-    in_userns_with_watch_limit,
+    in_userns_with_inotify_limit,
     metric,
     metrics,
     python_route,
@@ -199,10 +199,17 @@ def test_files_arriving_while_the_watcher_restarts_are_not_left_behind(rtree: Re
 # -- the inotify watch limit -----------------------------------------------------------
 
 
-def test_inotify_watch_limit_falls_back_to_scanning_without_a_crash_loop(
-    rtree: RelTree,
+@pytest.mark.parametrize(
+    ("setting", "limit", "said"),
+    [
+        ("max_inotify_watches", 5, "watch limit"),  # the root is watched, subfolders not all
+        ("max_inotify_instances", 0, "instance limit"),  # nothing can be watched at all
+    ],
+)
+def test_inotify_limits_fall_back_to_scanning_without_a_crash_loop(
+    rtree: RelTree, setting: str, limit: int, said: str
 ) -> None:
-    prefix = in_userns_with_watch_limit(5)
+    prefix = in_userns_with_inotify_limit(setting, limit)
     rtree.configure(
         [python_route("quick")], watch_mode="events", scan_interval_s=2, min_free_bytes=0
     )
@@ -223,17 +230,17 @@ def test_inotify_watch_limit_falls_back_to_scanning_without_a_crash_loop(
     assert 1 <= restarts <= 5, f"{restarts} watcher restarts in ~{uptime:.0f}s: a crash loop"
     assert service.get("/healthz")[0] == 200
     assert _mode(service) == "scan"
-    said = [
+    errors = [
         line
         for line in service.log_lines()
         if line["level"] in ("ERROR", "WARNING") and "scan" in line["msg"]
     ]
-    assert said and "watch limit" in said[0].get("error", ""), said[:2]
+    assert errors and said in errors[0].get("error", ""), errors[:2]
     assert service.stop() == 0
     rtree.check_invariants(files)
     report(
-        "inotify_watch_limit",
-        watch_limit=5,
+        f"inotify_{setting}",
+        limit=limit,
         subdirs=40,
         files=len(files),
         watcher_restarts_in_10s=restarts,
