@@ -55,6 +55,7 @@ def _burst(r: dict[str, Any], rows: list[Row]) -> None:
         # The floor again with filedock's folders (4 new inodes a file, not 1): its own rows.
         rows.append(("", "layout floor: files/s", fmt(f["layout"]), "", ""))
         rows.append(("", "layout floor: CPU ms per file", fmt(c.get("layout"), 2), "", ""))
+        rows.append(("", "layout floor ÷ floor", fmt(r.get("layout_vs_floor"), 2, "x"), "", ""))
         rows.append(
             ("", "filedock ÷ layout floor", fmt(r.get("filedock_vs_layout"), 2, "x"), "", "")
         )

@@ -277,6 +277,9 @@ def _burst_summary(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         out["filedock_peak_rss_mib"] = summary([r["peak_rss_mib"] for r in fd])
     if "peer" in runs:
         out["peer_dropped"] = summary([r["dropped"] for r in runs["peer"]])
+    if "layout" in runs and "floor" in runs:  # what the layout alone costs, per round
+        pairs = zip(runs["layout"], runs["floor"], strict=True)
+        out["layout_vs_floor"] = summary([a["files_per_s"] / b["files_per_s"] for a, b in pairs])
     for who, bound in (("floor", 0.8), ("layout", None), ("peer", 6.0)):
         if not fd or who not in runs:
             continue
