@@ -34,6 +34,12 @@ LABEL org.opencontainers.image.title="filedock" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.documentation="docs/deploy.md"
 
+# tini is PID 1: it passes signals on to filedock and reaps the zombies that an
+# importer's orphaned grandchildren would otherwise leave until the container restarts.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends tini=0.19.0-1+b3 \
+    && rm -rf /var/lib/apt/lists/*
+
 # A fixed, numeric, non-root identity: Kubernetes' runAsNonRoot can only verify a
 # numeric USER, and the data volume's ownership (fsGroup) is planned around it.
 RUN groupadd --gid 10001 filedock \
@@ -57,7 +63,7 @@ USER 10001:10001
 EXPOSE 9100
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('FILEDOCK_HTTP__PORT', '9100'), timeout=4)"]
-# Exec form: filedock itself is PID 1 and gets SIGTERM directly (first signal: graceful
-# drain within shutdown_grace_s; second: forced).
-ENTRYPOINT ["filedock"]
+# Exec form, under tini: filedock gets each SIGTERM tini receives (first signal: graceful
+# drain within shutdown_grace_s; second: forced), and tini exits with filedock's code.
+ENTRYPOINT ["tini", "--", "filedock"]
 CMD ["run", "--config", "/etc/filedock/config.yaml"]

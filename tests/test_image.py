@@ -12,6 +12,7 @@ ones about half a minute.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -114,6 +115,18 @@ def run_container(*args: str, timeout: float = 120) -> subprocess.CompletedProce
     return subprocess.run(
         ["bash", str(RUN), *args], capture_output=True, text=True, timeout=timeout, check=False
     )
+
+
+def in_namespace(pid1: int) -> list[int]:
+    """Host PIDs of the processes in the PID namespace whose PID 1 is `pid1`."""
+    ns = os.readlink(f"/proc/{pid1}/ns/pid")
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{entry}/ns/pid") == ns:
+                    found.append(int(entry))
+    return found
 
 
 def proc_status(pid: int) -> dict[str, str]:
@@ -232,7 +245,7 @@ def image_config(image: str) -> dict[str, Any]:
 def test_image_metadata_and_contents(image: str) -> None:
     config = image_config(image)
     assert config["User"] == f"{UID}:{GID}"
-    assert config["Entrypoint"] == ["filedock"]
+    assert config["Entrypoint"] == ["tini", "--", "filedock"]
     assert config["Cmd"] == ["run", "--config", "/etc/filedock/config.yaml"]
     assert "9100/tcp" in config["ExposedPorts"]
     assert config["Healthcheck"]["Test"][0] == "CMD"
@@ -317,13 +330,17 @@ def test_image_serves_imports_and_stops_gracefully(image: str, tmp_path: Path) -
         )
         assert health[0] == 200, health
 
-        # Kubernetes' promises, read off the running process.
-        status = proc_status(pid)
+        # PID 1 of the namespace is tini, and the service its child.
+        assert Path(f"/proc/{pid}/comm").read_text().strip() == "tini"
+        assert proc_status(pid)["NSpid"].split()[-1] == "1"
+        (service,) = (p for p in in_namespace(pid) if proc_status(p)["PPid"] == str(pid))
+        # Kubernetes' promises, read off the running service.
+        status = proc_status(service)
+        assert "filedock" in Path(f"/proc/{service}/cmdline").read_bytes().decode()
         assert status["Uid"].split() == [str(UID)] * 4
         assert status["Gid"].split() == [str(GID)] * 4
         assert status["NoNewPrivs"] == "1"
         assert int(status["CapEff"], 16) == 0
-        assert status["NSpid"].split()[-1] == "1", "the service is PID 1 of its namespace"
         mountinfo = Path(f"/proc/{pid}/mountinfo").read_text().splitlines()
         mounts = {fields[4]: fields[5].split(",") for fields in map(str.split, mountinfo)}
         assert "ro" in mounts["/"], "the root filesystem is read-only"
@@ -358,3 +375,50 @@ def test_image_serves_imports_and_stops_gracefully(image: str, tmp_path: Path) -
     assert lines, "the service logged no JSON line"
     for line in lines:
         assert isinstance(json.loads(line), dict), line
+
+
+@pytest.mark.timeout(IMAGE_TEST_TIMEOUT_S)
+def test_image_reaps_what_an_importer_leaves_behind(image: str, tmp_path: Path) -> None:
+    """An importer that exits leaving a background child: tini, as PID 1, reaps it."""
+    data = owned_data_dir(tmp_path)
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "config.yaml").write_text(
+        "root: /data\nhttp: {enabled: false}\nroutes:\n  - name: orphans\n"
+        '    match: "**"\n    importer:\n      kind: command\n'
+        '      argv: [sh, -c, "sleep 1 </dev/null >/dev/null 2>&1 & exit 0", sh, "{path}"]\n'
+    )
+    pidfile, log = tmp_path / "pid", tmp_path / "container.log"
+    argv = [
+        *("bash", str(RUN), "-v", f"{data}:/data", "-v", f"{config}:/etc/filedock:ro"),
+        *("--pidfile", str(pidfile), image),
+    ]
+    with log.open("wb") as out:
+        container = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), timeout=120))
+        drop(data, "orphan.csv", b"id\n1\n")
+        wait_for(lambda: archived(data, "orphan.csv"), timeout=60, what="orphan.csv archived")
+
+        def sleepers() -> list[str]:
+            states = []
+            for p in in_namespace(pid):
+                with contextlib.suppress(OSError):
+                    if Path(f"/proc/{p}/comm").read_text().strip() == "sleep":
+                        states.append(proc_status(p)["State"])
+            return states
+
+        # The orphan runs for 1 s, then must be gone: no `Z (zombie)` left under PID 1.
+        wait_for(lambda: not sleepers(), timeout=30, what="the orphan reaped, no zombie left")
+        container.send_signal(signal.SIGTERM)
+        assert container.wait(timeout=STOP_TIMEOUT_S) == 0, log.read_text()[-4000:]
+    finally:
+        if container.poll() is None:
+            container.send_signal(signal.SIGTERM)
+            try:
+                container.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                os.killpg(container.pid, signal.SIGKILL)
+                container.wait(timeout=30)

@@ -2,7 +2,7 @@
 # Run an image from the build cache the way the Kubernetes manifests run it, without a
 # container engine (as root): the image's root filesystem read-only, a tmpfs at /tmp, the
 # given volumes, the image's USER, ENV, WORKDIR, ENTRYPOINT and CMD, no_new_privs, and
-# new PID and mount namespaces, so the service is PID 1 as in a pod. The network is the
+# new PID and mount namespaces, so the entrypoint is PID 1 as in a pod. The network is the
 # host's: a port the service listens on is reachable on this machine's loopback.
 #
 # Usage: deploy/image/run-image.sh [options] [IMAGE] [-- ARG...]
@@ -131,7 +131,7 @@ inner() {
     if [ -n "$workdir" ] && [ "$workdir" != / ]; then
         run=(/bin/sh -c 'cd "$0" && exec "$@"' "$workdir" "${argv[@]}")
     fi
-    # Every step execs: the service ends up as PID 1 of the new PID namespace.
+    # Every step execs: the entrypoint ends up as PID 1 of the new PID namespace.
     exec env -i "${image_env[@]}" "${extra_env[@]}" HOSTNAME="$(hostname)" \
         "$(command -v setpriv)" --no-new-privs \
         "$(command -v chroot)" --userspec="$uid:$gid" --groups="$gid" "$rootfs" "${run[@]}"
