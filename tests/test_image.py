@@ -117,6 +117,40 @@ def run_container(*args: str, timeout: float = 120) -> subprocess.CompletedProce
     )
 
 
+@contextlib.contextmanager
+def serving(tmp_path: Path, *args: str) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """A container in the background: (its run-image.sh process, host PID of its PID 1).
+
+    Its output goes to `tmp_path/container.log`. On the way out it is stopped like
+    `docker stop` does (SIGTERM), and SIGKILLed as a group only if that fails.
+    """
+    pidfile = tmp_path / "pid"
+    with (tmp_path / "container.log").open("wb") as out:
+        container = subprocess.Popen(
+            ["bash", str(RUN), "--pidfile", str(pidfile), *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        pid = wait_for(
+            lambda: pidfile.exists() and pidfile.read_text().strip(),
+            timeout=120,
+            what="the container's PID 1",
+        )
+        yield container, int(pid)
+    finally:
+        if container.poll() is None:
+            # run-image.sh passes SIGTERM on and removes its working container; SIGKILL to
+            # the whole group only if that fails (unshare --kill-child ends PID 1 then).
+            container.send_signal(signal.SIGTERM)
+            try:
+                container.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                os.killpg(container.pid, signal.SIGKILL)
+                container.wait(timeout=30)
+
+
 def in_namespace(pid1: int) -> list[int]:
     """Host PIDs of the processes in the PID namespace whose PID 1 is `pid1`."""
     ns = os.readlink(f"/proc/{pid1}/ns/pid")
@@ -308,23 +342,12 @@ def test_image_run_once_drains_transfer_and_exits(image: str, tmp_path: Path) ->
 def test_image_serves_imports_and_stops_gracefully(image: str, tmp_path: Path) -> None:
     data = owned_data_dir(tmp_path)
     port = free_port()
-    pidfile = tmp_path / "pid"
     log = tmp_path / "container.log"
-    argv = [
-        *("bash", str(RUN), "-v", f"{data}:/data", "--pidfile", str(pidfile)),
-        *("-e", f"FILEDOCK_HTTP__PORT={port}", "-e", "FILEDOCK_HTTP__HOST=127.0.0.1", image),
-    ]
-    with log.open("wb") as out:
-        container = subprocess.Popen(
-            argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        pid = wait_for(
-            lambda: pidfile.exists() and pidfile.read_text().strip(),
-            timeout=120,
-            what="the container's PID 1",
-        )
-        pid = int(pid)
+    with serving(
+        tmp_path,
+        *("-v", f"{data}:/data", "-e", f"FILEDOCK_HTTP__PORT={port}"),
+        *("-e", "FILEDOCK_HTTP__HOST=127.0.0.1", image),
+    ) as (container, pid):
         health = wait_for(
             lambda: http_get(port, "/healthz"), timeout=60, what=f"/healthz on :{port}"
         )
@@ -361,16 +384,6 @@ def test_image_serves_imports_and_stops_gracefully(image: str, tmp_path: Path) -
         # `docker stop` / the kubelet: SIGTERM to PID 1, a clean exit within the grace.
         container.send_signal(signal.SIGTERM)
         assert container.wait(timeout=STOP_TIMEOUT_S) == 0, log.read_text()[-4000:]
-    finally:
-        if container.poll() is None:
-            # run-image.sh passes SIGTERM on and removes its working container; SIGKILL to
-            # the whole group only if that fails (unshare --kill-child ends PID 1 then).
-            container.send_signal(signal.SIGTERM)
-            try:
-                container.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                os.killpg(container.pid, signal.SIGKILL)
-                container.wait(timeout=30)
     lines = [line for line in log.read_text().splitlines() if line.startswith("{")]
     assert lines, "the service logged no JSON line"
     for line in lines:
@@ -386,19 +399,11 @@ def test_image_reaps_what_an_importer_leaves_behind(image: str, tmp_path: Path) 
     (config / "config.yaml").write_text(
         "root: /data\nhttp: {enabled: false}\nroutes:\n  - name: orphans\n"
         '    match: "**"\n    importer:\n      kind: command\n'
-        '      argv: [sh, -c, "sleep 1 </dev/null >/dev/null 2>&1 & exit 0", sh, "{path}"]\n'
+        '      argv: [sh, -c, "sleep 3 </dev/null >/dev/null 2>&1 & exit 0", sh, "{path}"]\n'
     )
-    pidfile, log = tmp_path / "pid", tmp_path / "container.log"
-    argv = [
-        *("bash", str(RUN), "-v", f"{data}:/data", "-v", f"{config}:/etc/filedock:ro"),
-        *("--pidfile", str(pidfile), image),
-    ]
-    with log.open("wb") as out:
-        container = subprocess.Popen(
-            argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), timeout=120))
+    log = tmp_path / "container.log"
+    volumes = ("-v", f"{data}:/data", "-v", f"{config}:/etc/filedock:ro")
+    with serving(tmp_path, *volumes, image) as (container, pid):
         drop(data, "orphan.csv", b"id\n1\n")
         wait_for(lambda: archived(data, "orphan.csv"), timeout=60, what="orphan.csv archived")
 
@@ -410,15 +415,8 @@ def test_image_reaps_what_an_importer_leaves_behind(image: str, tmp_path: Path) 
                         states.append(proc_status(p)["State"])
             return states
 
-        # The orphan runs for 1 s, then must be gone: no `Z (zombie)` left under PID 1.
+        # The orphan outlives its importer by seconds, then must be gone: no zombie left.
+        wait_for(sleepers, timeout=30, what="the importer's orphan, still running")
         wait_for(lambda: not sleepers(), timeout=30, what="the orphan reaped, no zombie left")
         container.send_signal(signal.SIGTERM)
         assert container.wait(timeout=STOP_TIMEOUT_S) == 0, log.read_text()[-4000:]
-    finally:
-        if container.poll() is None:
-            container.send_signal(signal.SIGTERM)
-            try:
-                container.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                os.killpg(container.pid, signal.SIGKILL)
-                container.wait(timeout=30)
