@@ -264,6 +264,14 @@ def _burst_filedock(
     return out
 
 
+def _per_round(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> list[float]:
+    """files/s of `a` ÷ `b`, round by round: each round's contenders ran back to back,
+    under the same neighbours' load."""
+    return [
+        x["files_per_s"] / y["files_per_s"] for x, y in zip(a, b, strict=True) if y["files_per_s"]
+    ]
+
+
 def _burst_summary(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     s = {who: summary([r["files_per_s"] for r in rs]) for who, rs in runs.items()}
     fd = runs.get("filedock", [])
@@ -278,18 +286,11 @@ def _burst_summary(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     if "peer" in runs:
         out["peer_dropped"] = summary([r["dropped"] for r in runs["peer"]])
     if "layout" in runs and "floor" in runs:  # what the layout alone costs, per round
-        pairs = zip(runs["layout"], runs["floor"], strict=True)
-        out["layout_vs_floor"] = summary([a["files_per_s"] / b["files_per_s"] for a, b in pairs])
+        out["layout_vs_floor"] = summary(_per_round(runs["layout"], runs["floor"]))
     for who, bound in (("floor", 0.8), ("layout", None), ("peer", 6.0)):
         if not fd or who not in runs:
             continue
-        per_run = [
-            a["files_per_s"] / b["files_per_s"]
-            for a, b in zip(fd, runs[who], strict=True)
-            if b["files_per_s"]
-        ]
-        # Paired: each run's contenders ran back to back, under the same neighbours' load.
-        paired = summary(per_run)
+        paired = summary(_per_round(fd, runs[who]))
         a_med, b_med = s["filedock"]["median"], s[who]["median"]
         paired["ratio_of_medians"] = a_med / b_med if a_med and b_med else None
         out[f"filedock_vs_{who}"] = paired
