@@ -14,7 +14,7 @@ import os
 import signal
 import threading
 
-__all__ = ["FSYNC_POINTS", "POINTS", "crash_point", "fsync_fault"]
+__all__ = ["FSYNC_POINTS", "POINTS", "crash_point", "fsync_fault", "kill_parent_too"]
 
 POINTS = frozenset(
     {
@@ -56,11 +56,21 @@ class _Trigger:
 
 _lock = threading.Lock()
 _crash = _Trigger("FILEDOCK_TEST_CRASH_AT", POINTS)
+_also_kill: int | None = None
+
+
+def kill_parent_too() -> None:
+    """Called in the archiver's worker process: a crash point there is a crash of the
+    service, so it kills the service (the parent) first."""
+    global _also_kill
+    _also_kill = os.getppid()
 
 
 def crash_point(name: str) -> None:
     """SIGKILL this process here when the test setting asks for it; otherwise nothing."""
     if _crash.fires(name):
+        if _also_kill is not None:
+            os.kill(_also_kill, signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -6,7 +6,7 @@ contract's error classes (CONTRACTS.md) to the ledger, `error.json` and metrics.
 
 from __future__ import annotations
 
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 __all__ = [
     "ERROR_CLASSES",
@@ -102,3 +102,6 @@ class JobError(_Failure):
 
     def __repr__(self) -> str:
         return f"JobError({self.error_class!r}, {self.message!r}, retryable={self.retryable})"
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickled across the archiver's worker process
+        return (JobError, (self.error_class, self.message), self.__dict__)

@@ -32,6 +32,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from service import archive as arch
+from service.archive_writer import Entry, Writer
 from service.claim import (
     Vetted,
     claim_batch,
@@ -40,9 +41,9 @@ from service.claim import (
     stored_name,
     vet,
 )
-from service.crash import crash_point, fsync_fault
+from service.crash import crash_point
 from service.errors import JobError, Reject, Retry
-from service.fsutil import Barrier, remove_tree
+from service.fsutil import remove_tree
 from service.importers import Importer, ImportJob, Result, build_importer
 from service.ledger import JobRecord, Ledger
 from service.logs import job_fields
@@ -161,6 +162,7 @@ class Pipeline:
         # one is shared with the watcher, which a busy import pool must not starve.
         self.import_threads = anyio.CapacityLimiter(settings.max_concurrency)
         self.fs_threads = anyio.CapacityLimiter(4)
+        self.writer = Writer()  # the archiver's file work, in a process of its own
         self.lanes: dict[str, _Lane] = {}
         for route in settings.routes:
             send, receive = anyio.create_memory_object_stream[JobRecord](route.concurrency)
@@ -193,6 +195,7 @@ class Pipeline:
     async def run_stages(self, tg: anyio.abc.TaskGroup) -> None:
         """Start the claimers, the workers and the archiver in `tg`."""
         self._tg = tg
+        await self.writer.start()
         for lane in self.lanes.values():
             tg.start_soon(self._claimer, lane, name=f"claimer:{lane.route.name}")
             for i in range(lane.route.concurrency):
@@ -683,9 +686,13 @@ class Pipeline:
             for item in batch:
                 await self._archive_failed(item, e)
             return
-        errors = await anyio.to_thread.run_sync(
-            self._write_archives, batch, limiter=self.fs_threads
+        written = await self.writer.write(
+            self.proc, self.failed_root, [Entry(i.job, i.outcome, i.result) for i in batch]
         )
+        errors = [w.error for w in written]
+        for item, w in zip(batch, written, strict=True):
+            if w.failed_path is not None:
+                item.job.failed_path = w.failed_path
         published = [item for item, err in zip(batch, errors, strict=True) if err is None]
         now = time.time()
         for item in published:
@@ -700,90 +707,12 @@ class Pipeline:
                 await self._archive_failed(item, e)
             published = []
         crash_point("after_ledger_done")
-        await anyio.to_thread.run_sync(
-            self._remove_sources, [i.job for i in published], limiter=self.fs_threads
-        )
+        await self.writer.remove(self.proc, self.temp, [i.job.id for i in published])
         for item in published:
             self._finished(item, now)
         for item, err in zip(batch, errors, strict=True):
             if err is not None:
                 await self._archive_failed(item, err)
-
-    def _remove_sources(self, jobs: list[JobRecord]) -> None:
-        """The job is archived: its folder in proc/ and its scratch in temp/ go."""
-        for job in jobs:
-            remove_tree(self.job_dir(job))
-            remove_tree(self.temp / job.id)
-
-    def _write_archives(self, batch: list[_ToArchive]) -> list[BaseException | None]:
-        """Blocking: build each `<id>.tmp/`, one barrier, publish all, one barrier.
-
-        A failed barrier (fsync) fails the whole batch: each archive is built again
-        from its source on the next try, never trusted after a failed fsync.
-        """
-        barrier = Barrier()
-        errors: list[BaseException | None] = []
-        done_before: set[str] = set()
-        for item in batch:
-            job = item.job
-            final = Path(job.archive_path or "")
-            if (final / "manifest.json").exists():  # published by an earlier try
-                try:
-                    arch.check_published(final, job, barrier)
-                    done_before.add(job.id)
-                    errors.append(None)
-                except Exception as e:
-                    errors.append(e)
-                continue
-            try:
-                pending = item.result.pending if item.result else None
-                arch.build_archive(
-                    job,
-                    proc_dir=self.job_dir(job),
-                    final_dir=Path(job.archive_path or ""),
-                    outcome=item.outcome,
-                    importer=item.result.detail if item.result else {},
-                    log=item.result.log if item.result else None,
-                    skip_outputs={pending.name} if pending else set(),
-                    barrier=barrier,
-                )
-                crash_point("mid_archive")
-                errors.append(None)
-            except Exception as e:
-                errors.append(e)
-        try:
-            fsync_fault("build")
-            barrier.flush()
-            for item, err in zip(batch, errors, strict=True):
-                if err is not None or item.job.id in done_before:
-                    continue
-                final = Path(item.job.archive_path or "")
-                arch.publish_archive(final)
-                barrier.dir(final.parent)
-                crash_point("after_archive_rename")
-                if item.result is not None and item.result.pending is not None:
-                    self._write_pending(item)
-            fsync_fault("publish")
-            barrier.flush()
-        except OSError as e:
-            return [err if err is not None else e for err in errors]
-        return errors
-
-    def _write_pending(self, item: _ToArchive) -> None:
-        job, result = item.job, item.result
-        assert result is not None and result.pending is not None
-        failed_dir = self.failed_root / job.id
-        if failed_dir.exists() or not result.pending.exists():
-            return
-        doc = arch.error_document(
-            job,
-            error_class="rejected",
-            message=result.message or "some records failed; fix them and drop this file again",
-            outcome="partial",
-            failed_at=time.time(),
-        )
-        arch.set_aside_pending(result.pending, failed_dir, doc)
-        job.failed_path = str(failed_dir)
 
     async def _archive_failed(self, item: _ToArchive, err: BaseException) -> None:
         job = item.job

@@ -238,7 +238,13 @@ class FiledockTree:
     ) -> subprocess.CompletedProcess[str]:
         return self.cli("run", "--once", env=env, timeout=timeout)
 
-    def start(self, *, env: dict[str, str] | None = None, wait_ready: bool = True) -> Service:
+    def start(
+        self,
+        *,
+        env: dict[str, str] | None = None,
+        wait_ready: bool = True,
+        own_process_group: bool = False,
+    ) -> Service:
         log_path = self.base / f"service-{len(self.services)}.log"
         out = open(log_path, "wb")
         proc = subprocess.Popen(
@@ -247,6 +253,7 @@ class FiledockTree:
             stderr=subprocess.STDOUT,
             env=env or self.env(),
             cwd=REPO,
+            start_new_session=own_process_group,  # as a terminal's foreground job
         )
         out.close()
         service = Service(proc, int(self.settings["http"]["port"]), log_path)

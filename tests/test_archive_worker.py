@@ -1,0 +1,87 @@
+"""The archiver's worker process (service/archive_writer.py), as an operator meets it:
+it may be killed, the whole process group may get a Ctrl-C, errors cross its pipe."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+from pathlib import Path
+
+from conftest import FiledockTree, Service, command_route, wait_for
+
+from service.errors import JobError
+
+
+def _worker_pids(service: Service) -> list[int]:
+    """The service's children that are anyio worker processes (not importer commands)."""
+    pids = []
+    for task in os.listdir(f"/proc/{service.proc.pid}/task"):
+        try:  # a thread, or a child, may end while we look
+            children = Path(f"/proc/{service.proc.pid}/task/{task}/children").read_text()
+        except FileNotFoundError:
+            continue
+        for child in map(int, children.split()):
+            try:
+                cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+                state = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except FileNotFoundError:
+                continue
+            if b"anyio.to_process" in cmdline and state != "Z":
+                pids.append(child)
+    return pids
+
+
+def test_a_killed_archive_worker_is_replaced_and_nothing_is_lost(tree: FiledockTree) -> None:
+    tree.configure([command_route()])
+    service = tree.start()
+    first = wait_for(lambda: _worker_pids(service), timeout=30, what="the archive worker")
+    dropped = {b"before.csv": b"1\n"}
+    tree.drop("before.csv", b"1\n")
+    tree.wait_final(1)
+
+    os.kill(first[0], signal.SIGKILL)
+    wait_for(lambda: not _worker_pids(service), timeout=30, what="the worker to die")
+    for i in range(10):
+        name = f"after-{i}.csv"
+        tree.drop(name, f"{i}\n".encode())
+        dropped[name.encode()] = f"{i}\n".encode()
+    tree.wait_final(len(dropped), timeout=120)
+
+    assert service.proc.poll() is None, f"the service died:\n{service.log()[-3000:]}"
+    assert _worker_pids(service) not in ([], first), "no new worker took over"
+    assert {r["state"] for r in tree.rows()} == {"done"}
+    assert service.stop() == 0
+    tree.check_invariants(dropped)
+
+
+def test_ctrl_c_to_the_process_group_still_drains_cleanly(tree: FiledockTree) -> None:
+    """A terminal's Ctrl-C reaches every process of the group: the worker must leave its
+    stopping to the service, which finishes the archives in flight first."""
+    tree.configure([command_route(concurrency=4)])
+    service = tree.start(own_process_group=True)
+    wait_for(lambda: _worker_pids(service), timeout=30, what="the archive worker")
+    dropped = {f"f-{i:02d}.csv".encode(): f"{i}\n".encode() for i in range(30)}
+    for rel, content in dropped.items():
+        tree.drop(rel, content)
+    tree.wait_final(1)
+
+    os.killpg(service.proc.pid, signal.SIGINT)
+    assert service.proc.wait(timeout=60) == 0, service.log()[-3000:]
+    assert "cannot archive yet" not in service.log(), service.log()[-3000:]
+    finished = tree.run_once()  # whatever the drain left claimed
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr
+    tree.check_invariants(dropped)
+
+
+def test_a_job_error_crosses_the_pipe_whole() -> None:
+    err = JobError("io_error", "the compressed copy does not match", retryable=True)
+    err.with_log(b"importer said so")
+    back = pickle.loads(pickle.dumps(err))
+    assert isinstance(back, JobError)
+    assert (back.error_class, back.message, back.retryable, back.log) == (
+        "io_error",
+        "the compressed copy does not match",
+        True,
+        b"importer said so",
+    )
