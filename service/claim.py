@@ -17,12 +17,14 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from service.crash import crash_point
 from service.errors import JobError
 from service.fsutil import Barrier
-from service.settings import Route
+
+if TYPE_CHECKING:  # the archive worker process imports this module: no pydantic there
+    from service.settings import Route
 
 __all__ = [
     "ClaimResult",

@@ -13,14 +13,15 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
-import yaml
 
 from service import __version__
 from service.errors import ConfigError, StartupError
-from service.settings import Settings, load_settings
+
+if TYPE_CHECKING:  # imported in main(): the archive worker process loads this module
+    from service.settings import Settings  # (the `filedock` script) and needs no pydantic
 
 __all__ = ["main"]
 
@@ -87,6 +88,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from service.settings import load_settings
+
     try:
         settings = load_settings(args.config)
         if args.command == "check-config":
@@ -129,6 +132,8 @@ def check_config(settings: Settings) -> int:
     doc = settings.model_dump(mode="json")
     doc["ledger_url"] = settings.effective_ledger_url
     doc["folders"] = {name: str(settings.folder(name)) for name in doc["folders"]}
+    import yaml
+
     print(yaml.safe_dump(doc, sort_keys=False), end="")
     return EXIT_OK
 

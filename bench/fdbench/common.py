@@ -72,22 +72,59 @@ def rename_all(src: Path, dst: Path, names: Iterable[str]) -> tuple[float, float
     return t0, time.time(), n
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its live descendants (filedock's archive worker, importer commands)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children", encoding="ascii") as f:
+                    todo.extend(int(c) for c in f.read().split())
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return out
+
+
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), from /proc/<pid>/stat."""
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        fields = f.read().rsplit(b")", 1)[1].split()
-    # after the comm field: state is fields[0]; utime, stime are stat fields 14, 15
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    """CPU time (user + system) of a process and its descendants: the live ones' own,
+    and what the reaped ones left in their parent's cutime and cstime."""
+    total = 0
+    for p in process_tree(pid):
+        try:
+            with open(f"/proc/{p}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        # after the comm field: state is fields[0]; utime, stime, cutime, cstime are
+        # stat fields 14 to 17
+        total += sum(int(x) for x in fields[11:15])
+    return total / CLK_TCK
 
 
 def mem_kib(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM (peak RSS) of a process, in KiB."""
-    out: dict[str, int] = {}
-    with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
-        for line in f:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                key, value = line.split(":", 1)
-                out[key] = int(value.split()[0])
+    """Memory in KiB of a process and its live descendants (filedock's archive worker).
+
+    `VmRSS` and `VmHWM` (peak RSS) are sums of each process's own: pages both map (the
+    interpreter, shared libraries) count twice, and each `VmHWM` is at its own moment,
+    so their sum is an upper bound. `Pss` shares each page among the processes mapping
+    it: the pair's real footprint now, which is what a container's limit charges.
+    """
+    out = {"VmRSS": 0, "VmHWM": 0, "Pss": 0}
+    for p in process_tree(pid):
+        try:
+            with open(f"/proc/{p}/status", encoding="ascii", errors="replace") as f:
+                for line in f:
+                    if line.startswith(("VmRSS:", "VmHWM:")):
+                        key, value = line.split(":", 1)
+                        out[key] += int(value.split()[0])
+            with open(f"/proc/{p}/smaps_rollup", encoding="ascii", errors="replace") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        out["Pss"] += int(line.split()[1])
+        except FileNotFoundError:
+            continue
     return out
 
 

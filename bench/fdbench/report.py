@@ -62,7 +62,9 @@ def _burst(r: dict[str, Any], rows: list[Row]) -> None:
     if "peer_dropped" in r or "filedock_peak_rss_mib" in r:
         rows.append(("", "files dropped", "0", fmt(r.get("peer_dropped")), "0 (verified)"))
     if "filedock_peak_rss_mib" in r:
-        rows.append(("", "peak RSS MiB", "", "", fmt(r["filedock_peak_rss_mib"], 1)))
+        rows.append(
+            ("", "peak RSS MiB (service + worker)", "", "", fmt(r["filedock_peak_rss_mib"], 1))
+        )
 
 
 def _sustained(r: dict[str, Any], rows: list[Row], sizes: dict[str, Any]) -> None:
@@ -118,7 +120,13 @@ def _big(r: dict[str, Any], rows: list[Row]) -> None:
             fmt(r["files_per_s"]),
         )
     )
-    rows.append(("", "peak RSS MiB (VmHWM)", "", "", fmt(r["peak_rss_mib"], 1)))
+    _memory(r, rows)
+
+
+def _memory(r: dict[str, Any], rows: list[Row]) -> None:
+    """The target's figure (peak PSS of service + worker, sampled) and the upper bound."""
+    rows.append(("", "peak memory MiB: PSS, sampled", "", "", fmt(r["peak_pss_mib"], 1)))
+    rows.append(("", "peak RSS MiB: each process's, summed", "", "", fmt(r["peak_rss_mib"], 1)))
 
 
 def _backlog(r: dict[str, Any], rows: list[Row]) -> None:
@@ -131,7 +139,7 @@ def _backlog(r: dict[str, Any], rows: list[Row]) -> None:
     rows.append(
         ("", f"jobs done in the {r['window_s']:.0f} s window", "", "", fmt(r["done_in_window"]))
     )
-    rows.append(("", "peak RSS MiB (VmHWM)", "", "", fmt(r["peak_rss_mib"], 1)))
+    _memory(r, rows)
     if b:
         rows.append(
             (

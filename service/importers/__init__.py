@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import anyio
+from typing import TYPE_CHECKING
 
 from service.importers.base import Importer, ImportJob, Result
-from service.settings import (
-    CommandImporterSettings,
-    CsvSqlImporterSettings,
-    PythonImporterSettings,
-    Route,
-)
+
+if TYPE_CHECKING:  # the archive worker unpickles a `Result`: no pydantic there
+    import anyio
+
+    from service.settings import Route
 
 __all__ = ["ImportJob", "Importer", "Result", "build_importer"]
 
@@ -18,15 +17,15 @@ __all__ = ["ImportJob", "Importer", "Result", "build_importer"]
 def build_importer(route: Route, *, limiter: anyio.CapacityLimiter) -> Importer:
     """The importer of a route; `limiter` bounds the worker threads of blocking importers."""
     s = route.importer
-    if isinstance(s, CommandImporterSettings):
+    if s.kind == "command":
         from service.importers.command import CommandImporter
 
         return CommandImporter(s)
-    if isinstance(s, PythonImporterSettings):
+    if s.kind == "python":
         from service.importers.python import PythonImporter
 
         return PythonImporter(s, limiter=limiter)
-    if isinstance(s, CsvSqlImporterSettings):
+    if s.kind == "csv-sql":
         from service.importers.csv_sql import CsvSqlImporter
 
         return CsvSqlImporter(s, limiter=limiter)
