@@ -9,9 +9,10 @@ Stages, each a task in the app's task group, joined by bounded streams:
 Claims and archives are done in batches (up to `batch_max_files`, or what
 arrives within `batch_max_delay_ms`) so that a batch shares one durability
 barrier and one ledger commit; a lone file is not held back waiting for company.
-Imports run under the route's limiter inside the global one. Ledger writes and
-file moves are shielded from cancellation: a shutdown never leaves a
-half-written transition.
+The archiver's file work runs in a worker process (`archive_writer.py`); the
+ledger writes and their order stay here. Imports run under the route's limiter
+inside the global one. Ledger writes and file moves are shielded from
+cancellation: a shutdown never leaves a half-written transition.
 """
 
 from __future__ import annotations

@@ -3,12 +3,14 @@ it may be killed, the whole process group may get a Ctrl-C, errors cross its pip
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import signal
 from pathlib import Path
 
 from conftest import FiledockTree, Service, command_route, wait_for
+from reliability.support import python_route
 
 from service.errors import JobError
 
@@ -72,6 +74,20 @@ def test_ctrl_c_to_the_process_group_still_drains_cleanly(tree: FiledockTree) ->
     finished = tree.run_once()  # whatever the drain left claimed
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr
     tree.check_invariants(dropped)
+
+
+def test_importer_facts_json_cannot_hold_are_archived_as_text(tree: FiledockTree) -> None:
+    """A python importer's `Decimal` or `datetime` reaches the manifest as its `str()`;
+    it used to stop the job short of its archive (retried forever)."""
+    tree.configure([python_route("odd_detail")])
+    tree.drop("order.csv", b"id\n1\n")
+    result = tree.run_once()
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+    (folder,) = tree.archived().values()
+    importer = json.loads((folder / "manifest.json").read_text())["importer"]
+    assert importer["amount"] == "1.50"
+    assert importer["loaded_at"] == "2026-11-24 00:00:00+00:00"
+    tree.check_invariants({b"order.csv": b"id\n1\n"})
 
 
 def test_a_job_error_crosses_the_pipe_whole() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -63,8 +64,16 @@ class PythonImporter:
             )
         detail = {"kind": "python", "callable": self.settings.callable}
         if isinstance(value, Result):
-            value.detail = {**detail, **value.detail}
+            value.detail = _plain({**detail, **value.detail})
             return value
         if isinstance(value, dict):
-            return Result(detail={**detail, **value})
+            return Result(detail=_plain({**detail, **value}))
         return Result(detail=detail)
+
+
+def _plain(detail: dict[str, Any]) -> dict[str, Any]:
+    """The importer's facts as the manifest will hold them: what JSON cannot hold (a
+    `Decimal`, a `datetime`, an object) becomes its `str()`. Plain data also crosses to
+    the archive worker process, where an object might not unpickle."""
+    plain: dict[str, Any] = json.loads(json.dumps(detail, default=str))
+    return plain

@@ -12,6 +12,8 @@ import os
 import signal
 import threading
 import time
+from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 from service.errors import Reject
@@ -49,6 +51,11 @@ def quick(job: ImportJob) -> Result:
         time.sleep(float(words[1]))
     _record(job, event="end", ok=True)
     return Result(detail={"bytes": len(data)})
+
+
+def odd_detail(job: ImportJob) -> dict[str, Any]:
+    """Facts that JSON cannot hold, as an importer may well return them."""
+    return {"amount": Decimal("1.50"), "loaded_at": datetime(2026, 11, 24, tzinfo=UTC)}
 
 
 def kill_service(job: ImportJob) -> Result:
