@@ -196,7 +196,7 @@ class Pipeline:
     async def run_stages(self, tg: anyio.abc.TaskGroup) -> None:
         """Start the claimers, the workers and the archiver in `tg`."""
         self._tg = tg
-        await self.writer.start()
+        tg.start_soon(self.writer.start, name="archive worker")  # claims need not wait
         for lane in self.lanes.values():
             tg.start_soon(self._claimer, lane, name=f"claimer:{lane.route.name}")
             for i in range(lane.route.concurrency):
