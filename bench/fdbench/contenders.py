@@ -4,8 +4,6 @@ group commit, the peer (inotifywait + bash) and filedock."""
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import gzip
 import hashlib
 import json
@@ -22,6 +20,7 @@ from typing import Any
 import yaml
 
 from fdbench.common import BenchError, cpu_seconds, free_port, mem_kib, wait_until
+from service.fsutil import syncfs  # the barrier filedock's own group commit uses
 
 BENCH_DIR = Path(__file__).resolve().parents[1]
 
@@ -115,20 +114,6 @@ def run_layout_floor(
             os.rmdir(p + job)
     t1, cpu1 = time.time(), time.process_time()
     return {"files": len(names), "start": t0, "end": t1, "cpu_s": cpu1 - cpu0}
-
-
-def syncfs(path: bytes) -> None:
-    """One barrier for the filesystem holding `path` (what filedock's `Barrier` does)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        if _libc.syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
-    finally:
-        os.close(fd)
-
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 
 
 # -- the peer --------------------------------------------------------------------------
