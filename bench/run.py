@@ -225,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(base, ignore_errors=True)
     results["elapsed_s"] = time.monotonic() - t_all
     results["machine"]["loadavg_at_end"] = os.getloadavg()
+    results["machine"]["caches_dropped_between_runs"] = ctx.caches_dropped
     results["lost_files"] = ctx.lost_files
     args.results.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%S")

@@ -20,6 +20,7 @@ from fdbench.common import (
     parse_rfc3339,
     percentile,
     rename_all,
+    settle_fs,
     summary,
 )
 from fdbench.contenders import (
@@ -54,12 +55,17 @@ class Ctx:
     py_spy: Path | None = None
     log: Callable[[str], None] = print
     lost_files: int = 0
+    caches_dropped: bool | None = None  # what the last `settle_fs` could do
     _running: list[Any] = field(default_factory=list)
 
-    def fresh(self, name: str) -> Path:
+    def fresh(self, name: str, *, settle: bool = True) -> Path:
+        """An empty work folder; by default on a file system settled by `settle_fs`, so
+        that no contender pays for the inodes the one before it deleted."""
         work = self.base / name
         if work.exists():
             shutil.rmtree(work)
+        if settle:
+            self.caches_dropped = settle_fs()
         work.mkdir(parents=True)
         return work
 
@@ -498,7 +504,7 @@ def backlog(ctx: Ctx) -> dict[str, Any]:
         if ctx.quick:
             continue
         # The same start-up with one file: what Python and the service cost without a backlog.
-        one = ctx.fresh(f"backlog-one-{r}")
+        one = ctx.fresh(f"backlog-one-{r}", settle=False)  # keep the backlog's cache warm
         make_files(one / "data" / "transfer", file_names(1), 64, hashes=False)
         os.sync()
         res1 = _backlog_run(ctx, one, f"backlog-one-{r}", window_s=min(5.0, ctx.backlog_window_s))
