@@ -9,7 +9,8 @@ source in `proc/` be removed.
 Set aside: write `error.json` into the job folder, then move the whole folder
 to `failed/<id>/` (one rename, or a durable copy across filesystems).
 
-These functions block; the pipeline runs them in worker threads.
+These functions block; the pipeline runs them in its archive worker process
+(`archive_writer.py`) or in worker threads.
 """
 
 from __future__ import annotations
@@ -112,8 +113,12 @@ def _dump(doc: dict[str, Any]) -> bytes:
 
 
 def _gzip_and_hash(src: bytes, dst: Path, job: JobRecord) -> None:
-    """Compress the source, hashing it on the way; it must still be what was claimed."""
-    h = hashlib.sha256()
+    """Compress the source into `dst`, hashing it on the way, and check the copy: the
+    source must still be what was claimed, and the copy must expand to it.
+
+    A file up to `_CHUNK` is read, compressed and checked in memory, then written with
+    one call; a larger one streams through `GzipFile` and is read back from `dst`.
+    """
     fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         st = os.fstat(fd)
@@ -122,16 +127,47 @@ def _gzip_and_hash(src: bytes, dst: Path, job: JobRecord) -> None:
                 "modified_during_processing",
                 f"the file changed after it was claimed (size {job.size} -> {st.st_size})",
             )
+        if st.st_size <= _CHUNK:
+            data = os.read(fd, _CHUNK + 1)
+            while len(data) <= _CHUNK and (more := os.read(fd, _CHUNK + 1 - len(data))):
+                data += more
+            _check_source(hashlib.sha256(data).hexdigest(), job)
+            blob = gzip.compress(data, 6, mtime=0)
+            _check_copy(hashlib.sha256(gzip.decompress(blob)).hexdigest(), job.sha256)
+            _write_all(dst, blob)
+            return
+        h = hashlib.sha256()
         with open(dst, "wb") as raw, gzip.GzipFile("", "wb", 6, raw, mtime=0) as gz:
             while chunk := os.read(fd, _CHUNK):
                 h.update(chunk)
                 gz.write(chunk)
     finally:
         os.close(fd)
-    if h.hexdigest() != job.sha256:
+    _check_source(h.hexdigest(), job)
+    _verify_gzip(dst, job.sha256)
+
+
+def _check_source(digest: str, job: JobRecord) -> None:
+    if digest != job.sha256:
         raise JobError(
             "modified_during_processing", "the file's content changed after it was claimed"
         )
+
+
+def _check_copy(digest: str, sha256: str | None) -> None:
+    if digest != sha256:
+        # The copy is bad (the source was checked while compressing): rebuild it.
+        raise JobError("io_error", "the compressed copy does not match its source", retryable=True)
+
+
+def _write_all(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
 
 
 def _verify_gzip(path: Path, sha256: str | None) -> None:
@@ -139,9 +175,7 @@ def _verify_gzip(path: Path, sha256: str | None) -> None:
     with gzip.open(path, "rb") as gz:
         while chunk := gz.read(_CHUNK):
             h.update(chunk)
-    if h.hexdigest() != sha256:
-        # The copy is bad (the source was checked while compressing): rebuild it.
-        raise JobError("io_error", "the compressed copy does not match its source", retryable=True)
+    _check_copy(h.hexdigest(), sha256)
 
 
 def build_archive(
@@ -160,15 +194,18 @@ def build_archive(
     Returns the manifest.
     """
     tmp = final_dir.with_name(final_dir.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)  # our own unfinished copy from an interrupted attempt
-    final_dir.parent.mkdir(parents=True, exist_ok=True)
-    os.mkdir(tmp)
+    try:
+        os.mkdir(tmp)
+    except FileExistsError:  # our own unfinished copy from an interrupted attempt
+        shutil.rmtree(tmp)
+        os.mkdir(tmp)
+    except FileNotFoundError:  # the first archive of the day
+        final_dir.parent.mkdir(parents=True, exist_ok=True)
+        os.mkdir(tmp)
     gz_name = os.fsdecode(safe_archive_name(job.name, b".gz"))
     src = os.fsencode(proc_dir) + b"/" + stored_name(job.name)
     try:
         _gzip_and_hash(src, tmp / gz_name, job)
-        _verify_gzip(tmp / gz_name, job.sha256)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # never leave a copy of changed content
         raise

@@ -23,6 +23,7 @@ import pickle
 import signal
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -43,6 +44,7 @@ __all__ = ["Entry", "Writer", "Written", "remove", "write"]
 
 log = logging.getLogger("filedock.archiver")
 _PR_SET_PDEATHSIG = 1
+_removals = ThreadPoolExecutor(1, thread_name_prefix="filedock-remove")  # its thread starts on use
 T = TypeVar("T")
 
 
@@ -65,12 +67,13 @@ class Written:
 
 
 class Writer:
-    """The service's side: one worker process, one batch at a time, started at once
-    so that the first file does not wait for it. Where no worker process can start
-    (the interpreter cannot be run again, e.g. under another user), the same work
-    runs in a thread of the service, as it did before the worker existed."""
+    """The service's side: one worker process, one call at a time, started at once so
+    that the first file does not wait for it. Where no worker process can start (the
+    interpreter cannot be run again, e.g. under another user), the same work runs in a
+    thread of the service, as it did before the worker existed."""
 
-    def __init__(self) -> None:
+    def __init__(self, proc_root: Path, temp_root: Path, failed_root: Path) -> None:
+        self.proc_root, self.temp_root, self.failed_root = proc_root, temp_root, failed_root
         self._limiter = anyio.CapacityLimiter(1)
         self._in_worker = True
 
@@ -85,29 +88,35 @@ class Writer:
                 extra={"error": repr(e.__cause__ or e)[:500]},
             )
 
-    async def write(
-        self, proc_root: Path, failed_root: Path, entries: Sequence[Entry]
-    ) -> list[Written]:
-        """Build, make durable and publish each entry's archive (see `write`). A worker
-        that died mid-batch, or could not be started again, fails the whole batch: each
-        archive is built again on the archiver's next try."""
-        batch = list(entries)
-        try:
-            return await self._run(write, proc_root, failed_root, batch)
-        except BrokenWorkerProcess:
-            pass  # it died since its last batch: once more, with a new one
-        except Exception as e:
-            return [Written(e)] * len(batch)
-        try:
-            return await self._run(write, proc_root, failed_root, batch)
-        except Exception as e:
-            return [Written(e)] * len(batch)
+    async def write(self, entries: Sequence[Entry], *, remove: Sequence[str] = ()) -> list[Written]:
+        """Build, make durable and publish each entry's archive (see `write`), and remove
+        the folders of the jobs in `remove` meanwhile (see `remove`): those must be
+        recorded `done` already. When this returns, they are gone.
 
-    async def remove(self, proc_root: Path, temp_root: Path, job_ids: Sequence[str]) -> None:
+        A worker that died mid-batch, or could not be started again, fails the whole
+        batch: each archive is built again on the archiver's next try."""
+        batch, ids = list(entries), list(remove)
+        args = (self.proc_root, self.temp_root, self.failed_root, batch, ids)
         try:
-            await self._run(remove, proc_root, temp_root, list(job_ids))
+            try:
+                written, removal_error = await self._run(write, *args)
+            except BrokenWorkerProcess:  # it died since its last call: once more, with a new one
+                written, removal_error = await self._run(write, *args)
+        except Exception as e:
+            written, removal_error = [Written(e)] * len(batch), e
+        if removal_error is not None:
+            await self.remove(ids)
+        return written
+
+    async def remove(self, job_ids: Sequence[str]) -> None:
+        """Remove the folders of jobs recorded `done` (see `remove`)."""
+        if not job_ids:
+            return
+        args = (self.proc_root, self.temp_root, list(job_ids))
+        try:
+            await self._run(remove, *args)
         except Exception:  # the same work, here: the sources must not stay
-            await anyio.to_thread.run_sync(remove, proc_root, temp_root, list(job_ids))
+            await anyio.to_thread.run_sync(remove, *args)
 
     async def _run(self, func: Callable[..., T], *args: Any) -> T:
         if self._in_worker:
@@ -115,12 +124,32 @@ class Writer:
         return await anyio.to_thread.run_sync(func, *args, limiter=self._limiter)
 
 
-def write(proc_root: Path, failed_root: Path, entries: list[Entry]) -> list[Written]:
-    """Blocking: build each `<id>.tmp/`, one barrier, publish all, one barrier.
+def write(
+    proc_root: Path,
+    temp_root: Path,
+    failed_root: Path,
+    entries: list[Entry],
+    removable: list[str],
+) -> tuple[list[Written], BaseException | None]:
+    """Blocking: build each `<id>.tmp/`, one barrier, publish all, one barrier; and
+    meanwhile, in a thread, `remove` the folders of the jobs in `removable`.
+
+    The removal mostly waits (here each unlink waits for the disk's discard), so it
+    overlaps the build rather than taking a call of its own. Returns what became of
+    each entry, and the removal's error if it failed (`Writer.write` removes again).
 
     A failed barrier (fsync) fails the whole batch: each archive is built again from
     its source on the next try, never trusted after a failed fsync.
     """
+    removal = _removals.submit(remove, proc_root, temp_root, removable) if removable else None
+    try:
+        written = _write(proc_root, failed_root, entries)
+    finally:
+        removal_error = removal.exception() if removal is not None else None  # waits for it
+    return written, _portable(removal_error)
+
+
+def _write(proc_root: Path, failed_root: Path, entries: list[Entry]) -> list[Written]:
     barrier = Barrier()
     errors: list[BaseException | None] = []
     done_before: set[str] = set()

@@ -79,6 +79,7 @@ class _ToArchive:
     result: Result | None
     done: anyio.Event = field(default_factory=anyio.Event)
     tries: int = 0
+    done_at: float = 0.0  # when the ledger recorded it `done`
 
 
 class _Gate:
@@ -163,7 +164,8 @@ class Pipeline:
         # one is shared with the watcher, which a busy import pool must not starve.
         self.import_threads = anyio.CapacityLimiter(settings.max_concurrency)
         self.fs_threads = anyio.CapacityLimiter(4)
-        self.writer = Writer()  # the archiver's file work, in a process of its own
+        # The archiver's file work, in a process of its own.
+        self.writer = Writer(self.proc, self.temp, self.failed_root)
         self.lanes: dict[str, _Lane] = {}
         for route in settings.routes:
             send, receive = anyio.create_memory_object_stream[JobRecord](route.concurrency)
@@ -281,16 +283,21 @@ class Pipeline:
                     first = await receive.receive()
                 except anyio.EndOfStream:
                     return
-                batch = [first]
-                with anyio.move_on_after(self.settings.batch_max_delay_ms / 1000):
-                    while len(batch) < self.settings.batch_max_files:
-                        try:
-                            batch.append(await receive.receive())
-                        except anyio.EndOfStream:
-                            break
+                batch = await self._gather(receive, first)
                 claimed = await shielded(self._claim(lane.route, batch))
                 for job in claimed:
                     await self._enqueue(lane, job)
+
+    async def _gather(self, receive: MemoryObjectReceiveStream[T], first: T) -> list[T]:
+        """`first` and what else arrives within the batch delay, up to a batch."""
+        batch = [first]
+        with anyio.move_on_after(self.settings.batch_max_delay_ms / 1000):
+            while len(batch) < self.settings.batch_max_files:
+                try:
+                    batch.append(await receive.receive())
+                except anyio.EndOfStream:
+                    break
+        return batch
 
     async def _claim(self, route: Route, batch: list[Candidate]) -> list[JobRecord]:
         now = time.time()
@@ -665,31 +672,45 @@ class Pipeline:
             await item.done.wait()  # the next file of an ordered lane waits for this one
 
     async def _archiver(self) -> None:
+        """One batch at a time. A batch's sources leave proc/ (once it is recorded
+        `done`) while the worker builds the next batch, or at once if none is waiting."""
+        archived: list[_ToArchive] = []  # recorded `done`, their sources still in proc/
         async with self._archive_receive:
             while True:
                 try:
-                    first = await self._archive_receive.receive()
+                    first = self._archive_receive.receive_nowait()
+                except anyio.WouldBlock:
+                    await shielded(self._remove_sources(archived))
+                    archived = []
+                    try:
+                        first = await self._archive_receive.receive()
+                    except anyio.EndOfStream:
+                        return
                 except anyio.EndOfStream:
+                    await shielded(self._remove_sources(archived))
                     return
-                batch = [first]
-                with anyio.move_on_after(self.settings.batch_max_delay_ms / 1000):
-                    while len(batch) < self.settings.batch_max_files:
-                        try:
-                            batch.append(await self._archive_receive.receive())
-                        except anyio.EndOfStream:
-                            break
-                await shielded(self._archive_batch(batch))
+                batch = await self._gather(self._archive_receive, first)
+                archived = await shielded(self._archive_batch(batch, archived))
 
-    async def _archive_batch(self, batch: list[_ToArchive]) -> None:
+    async def _archive_batch(
+        self, batch: list[_ToArchive], archived: list[_ToArchive]
+    ) -> list[_ToArchive]:
+        """Record `archiving`; build and publish the archives, removing the sources of
+        `archived` meanwhile; record `done`. Returns the jobs now `done`, whose sources
+        are still to be removed."""
         try:
             await self.ledger.update_many([self._fields(i.job, *_ARCHIVING) for i in batch])
         except Exception as e:  # the ledger cannot be written: try the batch again later
+            await self._remove_sources(archived)
             for item in batch:
                 await self._archive_failed(item, e)
-            return
+            return []
         written = await self.writer.write(
-            self.proc, self.failed_root, [Entry(i.job, i.outcome, i.result) for i in batch]
+            [Entry(i.job, i.outcome, i.result) for i in batch],
+            remove=[i.job.id for i in archived],
         )
+        for item in archived:
+            self._finished(item)
         errors = [w.error for w in written]
         for item, w in zip(batch, written, strict=True):
             if w.failed_path is not None:
@@ -697,7 +718,7 @@ class Pipeline:
         published = [item for item, err in zip(batch, errors, strict=True) if err is None]
         now = time.time()
         for item in published:
-            item.job.state = "done"
+            item.job.state, item.done_at = "done", now
         try:
             await self.ledger.update_many(
                 [self._fields(i.job, "outcome", "archive_path", "failed_path") for i in published]
@@ -708,12 +729,16 @@ class Pipeline:
                 await self._archive_failed(item, e)
             published = []
         crash_point("after_ledger_done")
-        await self.writer.remove(self.proc, self.temp, [i.job.id for i in published])
-        for item in published:
-            self._finished(item, now)
         for item, err in zip(batch, errors, strict=True):
             if err is not None:
                 await self._archive_failed(item, err)
+        return published
+
+    async def _remove_sources(self, archived: list[_ToArchive]) -> None:
+        if archived:
+            await self.writer.remove([i.job.id for i in archived])
+            for item in archived:
+                self._finished(item)
 
     async def _archive_failed(self, item: _ToArchive, err: BaseException) -> None:
         job = item.job
@@ -744,8 +769,8 @@ class Pipeline:
         await anyio.sleep(delay)
         await self._archive_send.send(item)
 
-    def _finished(self, item: _ToArchive, now: float) -> None:
-        job = item.job
+    def _finished(self, item: _ToArchive) -> None:
+        job, now = item.job, item.done_at
         m = self.metrics
         m.jobs.labels(job.route, item.outcome).inc()
         m.bytes.labels(job.route).inc(job.size or 0)
