@@ -18,11 +18,15 @@ def test_backlog_and_live_files_are_archived_with_a_manifest(tree: FiledockTree)
         tree.drop(rel, content)
     service = tree.start()
     tree.wait_final(2)
-    live = {b"live.csv": b"live\n", b"nested/deep/er/live-2.txt": b"z" * 5000}
+    live = {
+        b"live.csv": b"live\n",
+        b"nested/deep/er/live-2.txt": b"z" * 5000,
+        b"large.bin": os.urandom(3 << 20),  # over 1 MiB: compressed as a stream
+    }
     for rel, content in live.items():
         tree.drop(rel, content)
     dropped |= live
-    tree.wait_final(4)
+    tree.wait_final(5)
     assert service.stop() == 0
     tree.check_invariants(dropped)
 
@@ -47,7 +51,7 @@ def test_backlog_and_live_files_are_archived_with_a_manifest(tree: FiledockTree)
 
     lines = service.log_lines()
     archived = [line for line in lines if line["msg"] == "archived"]
-    assert len(archived) == 4
+    assert len(archived) == 5
     assert {"ts", "level", "job_id", "route", "name", "state", "elapsed_s"} <= set(archived[0])
 
 

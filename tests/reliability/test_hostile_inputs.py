@@ -98,12 +98,18 @@ def test_symlink_swapped_in_10k_times(rtree: RelTree, outside: Outside) -> None:
 # -- a file changed after its claim -----------------------------------------------------
 
 
+@pytest.mark.parametrize("size", ["small", "over_1_mib"])  # checked in memory / streamed
 @pytest.mark.parametrize("importer", ["append_during_import", "rewrite_in_place"])
-def test_file_changed_after_its_claim_is_never_archived(rtree: RelTree, importer: str) -> None:
+def test_file_changed_after_its_claim_is_never_archived(
+    rtree: RelTree, importer: str, size: str
+) -> None:
     """Appended to (size and mtime change), or rewritten in place with size and mtime kept
     (only the hash tells): set aside as `modified_during_processing`, never archived."""
     rtree.configure([python_route(importer)], min_free_bytes=0)
     content = b"id,amount\n1,100\n"
+    if size != "small":
+        content += b"".join(b"%d,%d\n" % (i, i % 977) for i in range(2, 200_000))
+        assert len(content) > 1 << 20
     rtree.drop("changing.csv", content)
     result = rtree.run_once()
     assert result.returncode == 1, result.stdout[-3000:]
