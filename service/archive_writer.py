@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 import pickle
 import signal
 import time
@@ -76,10 +77,11 @@ class Writer:
         self.proc_root, self.temp_root, self.failed_root = proc_root, temp_root, failed_root
         self._limiter = anyio.CapacityLimiter(1)
         self._in_worker = True
+        self.worker_pid: int | None = None  # the last call's worker; None in a thread
 
     async def start(self) -> None:
         try:
-            await anyio.to_process.run_sync(_become_worker, limiter=self._limiter)
+            self.worker_pid = await anyio.to_process.run_sync(_become_worker, limiter=self._limiter)
         except (BrokenWorkerProcess, OSError) as e:
             self._in_worker = False
             log.warning(
@@ -120,7 +122,10 @@ class Writer:
 
     async def _run(self, func: Callable[..., T], *args: Any) -> T:
         if self._in_worker:
-            return await anyio.to_process.run_sync(_in_worker, func, *args, limiter=self._limiter)
+            self.worker_pid, result = await anyio.to_process.run_sync(
+                _in_worker, func, *args, limiter=self._limiter
+            )
+            return result
         return await anyio.to_thread.run_sync(func, *args, limiter=self._limiter)
 
 
@@ -240,21 +245,21 @@ def _portable(err: BaseException | None) -> BaseException | None:
     return err
 
 
-def _in_worker(func: Callable[..., T], *args: Any) -> T:
-    _become_worker()
-    return func(*args)
+def _in_worker(func: Callable[..., T], *args: Any) -> tuple[int, T]:
+    return _become_worker(), func(*args)
 
 
 _is_worker = False
 
 
-def _become_worker() -> None:
+def _become_worker() -> int:
     """Once per worker process: the service decides when it stops, not a terminal's
     Ctrl-C to the whole process group; it dies with the service (`PR_SET_PDEATHSIG`);
-    and a test crash point takes the service down with it."""
+    and a test crash point takes the service down with it. Returns the worker's pid,
+    for its metrics."""
     global _is_worker
     if _is_worker:
-        return
+        return os.getpid()
     _is_worker = True
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -262,3 +267,4 @@ def _become_worker() -> None:
     if hasattr(libc, "prctl"):
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     crash.kill_parent_too()
+    return os.getpid()

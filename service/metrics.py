@@ -8,8 +8,9 @@ classes, folder names and fixed words.
 from __future__ import annotations
 
 import platform
+from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
 
 from service import __version__
 from service.errors import ERROR_CLASSES
@@ -47,9 +48,13 @@ class Metrics:
         from prometheus_client import GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR
 
         self.registry = registry or CollectorRegistry(auto_describe=True)
+        self.worker_pid: Callable[[], int | None] = lambda: None  # set by the pipeline
         if registry is None:
             for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
                 self.registry.register(collector)
+            # The archive worker process's own figures, `filedock_archive_worker_process_*`
+            # (CPU, resident memory, start time, descriptors).
+            ProcessCollector("filedock_archive_worker", self._worker_proc, registry=self.registry)
         r = self.registry
         p = "filedock_"
 
@@ -214,6 +219,12 @@ class Metrics:
 
         for kind in RECOVERY_KINDS:
             self.recovery_actions.labels(kind)
+
+    def _worker_proc(self) -> int | str:
+        pid = self.worker_pid()
+        # No worker (none yet, or archiving in a thread): a /proc entry that cannot
+        # exist, which the collector reads as "no figures".
+        return "no-archive-worker" if pid is None else pid
 
     def declare_route(self, route: str, concurrency: int) -> None:
         """Create a route's series at zero, so rates and alerts see it before its first file."""

@@ -166,6 +166,7 @@ class Pipeline:
         self.fs_threads = anyio.CapacityLimiter(4)
         # The archiver's file work, in a process of its own.
         self.writer = Writer(self.proc, self.temp, self.failed_root)
+        metrics.worker_pid = lambda: self.writer.worker_pid
         self.lanes: dict[str, _Lane] = {}
         for route in settings.routes:
             send, receive = anyio.create_memory_object_stream[JobRecord](route.concurrency)

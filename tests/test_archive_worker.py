@@ -57,6 +57,60 @@ def test_a_killed_archive_worker_is_replaced_and_nothing_is_lost(tree: FiledockT
     tree.check_invariants(dropped)
 
 
+def _started_at(pid: int) -> float:
+    """A process's start time as Prometheus' process collector reports it."""
+    ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    btime = next(
+        int(line.split()[1])
+        for line in Path("/proc/stat").read_text().splitlines()
+        if line.startswith("btime ")
+    )
+    return btime + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _worker_metric(service: Service, name: str) -> float | None:
+    status, body = service.get("/metrics")
+    assert status == 200
+    for line in body.decode().splitlines():
+        if line.startswith(f"filedock_archive_worker_process_{name} "):
+            return float(line.split()[1])
+    return None
+
+
+def test_the_workers_own_figures_are_exported_and_follow_a_new_worker(
+    tree: FiledockTree,
+) -> None:
+    """The dashboard's CPU and memory panels show the worker beside the service: its
+    figures are its own (its start time), and after it is replaced, the new one's."""
+    tree.configure([command_route()])
+    service = tree.start()
+    (first,) = wait_for(lambda: _worker_pids(service), timeout=30, what="the archive worker")
+    wait_for(
+        lambda: (
+            abs((_worker_metric(service, "start_time_seconds") or 0) - _started_at(first)) < 0.02
+        ),
+        timeout=30,
+        what="the worker's start time in /metrics",
+    )
+    assert (_worker_metric(service, "resident_memory_bytes") or 0) > 5 << 20
+    assert _worker_metric(service, "cpu_seconds_total") is not None
+
+    os.kill(first, signal.SIGKILL)
+    wait_for(lambda: not _worker_pids(service), timeout=30, what="the worker to die")
+    tree.drop("after.csv", b"1\n")
+    tree.wait_final(1, timeout=120)
+    (second,) = wait_for(lambda: _worker_pids(service), timeout=30, what="a new worker")
+    assert second != first
+    wait_for(
+        lambda: (
+            abs((_worker_metric(service, "start_time_seconds") or 0) - _started_at(second)) < 0.02
+        ),
+        timeout=30,
+        what="the new worker's start time in /metrics",
+    )
+    assert service.stop() == 0
+
+
 def test_ctrl_c_to_the_process_group_still_drains_cleanly(tree: FiledockTree) -> None:
     """A terminal's Ctrl-C reaches every process of the group: the worker must leave its
     stopping to the service, which finishes the archives in flight first."""
