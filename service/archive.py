@@ -128,8 +128,10 @@ def _gzip_and_hash(src: bytes, dst: Path, job: JobRecord) -> None:
                 f"the file changed after it was claimed (size {job.size} -> {st.st_size})",
             )
         if st.st_size <= _CHUNK:
-            data = os.read(fd, _CHUNK + 1)
-            while len(data) <= _CHUNK and (more := os.read(fd, _CHUNK + 1 - len(data))):
+            # One byte more than its size: a file that grew since fails the hash.
+            want = st.st_size + 1
+            data = os.read(fd, want)
+            while len(data) < want and (more := os.read(fd, want - len(data))):
                 data += more
             _check_source(hashlib.sha256(data).hexdigest(), job)
             blob = gzip.compress(data, 6, mtime=0)
