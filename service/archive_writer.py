@@ -1,7 +1,7 @@
 """The archiver's file work, in a worker process of its own.
 
-Archiving is a long run of short system calls: for each file a folder, the `.gz`, its
-read-back, `manifest.json`, a rename, and later the removal of the source. Each call
+Archiving is a long run of short system calls: for each file a folder, the `.gz`,
+`manifest.json`, a rename, and later the removal of the source. Each call
 releases the GIL, and in the service's process each then waits to take it back behind
 the event loop and the importer threads: that wait made the archiver the slowest stage
 (2.0 ms a file, against 0.7 ms for the same calls with no other thread about; see
@@ -10,8 +10,9 @@ other core, and the service's process keeps its GIL for the ledger, the watcher 
 the imports.
 
 `write` and `remove` run in that worker; their arguments and results cross a pipe,
-pickled. The order of the durability protocol is the caller's, as before: it records
-`done` in the ledger between a batch's `write` and its `remove`.
+pickled. The order of the durability protocol is the caller's, as before: it records a
+batch `done` in the ledger after its `write`, and only then hands its jobs to be
+removed, normally along with the next batch's `write`.
 """
 
 from __future__ import annotations
