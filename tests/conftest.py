@@ -155,6 +155,13 @@ class Service:
         except urllib.error.HTTPError as e:
             return e.code, e.read()
 
+    def metric(self, name: str) -> float | None:
+        """The value of an unlabelled sample in /metrics; None while it is not exported."""
+        for line in self.get("/metrics")[1].decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        return None
+
     def wait_ready(self, timeout: float = 30) -> None:
         def ready() -> bool:
             if self.proc.poll() is not None:

@@ -68,32 +68,23 @@ def _started_at(pid: int) -> float:
     return btime + ticks / os.sysconf("SC_CLK_TCK")
 
 
-def _worker_metric(service: Service, name: str) -> float | None:
-    status, body = service.get("/metrics")
-    assert status == 200
-    for line in body.decode().splitlines():
-        if line.startswith(f"filedock_archive_worker_process_{name} "):
-            return float(line.split()[1])
-    return None
-
-
 def test_the_workers_own_figures_are_exported_and_follow_a_new_worker(
     tree: FiledockTree,
 ) -> None:
     """The dashboard's CPU and memory panels show the worker beside the service: its
     figures are its own (its start time), and after it is replaced, the new one's."""
+    worker = "filedock_archive_worker_process_"
     tree.configure([command_route()])
     service = tree.start()
+
+    def exported_for(pid: int) -> bool:
+        started = service.metric(worker + "start_time_seconds")
+        return started is not None and abs(started - _started_at(pid)) < 0.02
+
     (first,) = wait_for(lambda: _worker_pids(service), timeout=30, what="the archive worker")
-    wait_for(
-        lambda: (
-            abs((_worker_metric(service, "start_time_seconds") or 0) - _started_at(first)) < 0.02
-        ),
-        timeout=30,
-        what="the worker's start time in /metrics",
-    )
-    assert (_worker_metric(service, "resident_memory_bytes") or 0) > 5 << 20
-    assert _worker_metric(service, "cpu_seconds_total") is not None
+    wait_for(lambda: exported_for(first), timeout=30, what="the worker's start time in /metrics")
+    assert (service.metric(worker + "resident_memory_bytes") or 0) > 5 << 20
+    assert service.metric(worker + "cpu_seconds_total") is not None
 
     os.kill(first, signal.SIGKILL)
     wait_for(lambda: not _worker_pids(service), timeout=30, what="the worker to die")
@@ -101,13 +92,7 @@ def test_the_workers_own_figures_are_exported_and_follow_a_new_worker(
     tree.wait_final(1, timeout=120)
     (second,) = wait_for(lambda: _worker_pids(service), timeout=30, what="a new worker")
     assert second != first
-    wait_for(
-        lambda: (
-            abs((_worker_metric(service, "start_time_seconds") or 0) - _started_at(second)) < 0.02
-        ),
-        timeout=30,
-        what="the new worker's start time in /metrics",
-    )
+    wait_for(lambda: exported_for(second), timeout=30, what="the new worker's start time")
     assert service.stop() == 0
 
 

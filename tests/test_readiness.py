@@ -9,15 +9,7 @@ import os
 import threading
 import time
 
-from conftest import FiledockTree, Service, command_route, wait_for
-
-
-def metric(service: Service, name: str) -> float:
-    """The value of an unlabelled sample in the service's /metrics."""
-    for line in service.get("/metrics")[1].decode().splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"{name} not exported")
+from conftest import FiledockTree, command_route, wait_for
 
 
 def _names(tree: FiledockTree, state: str | None = None) -> set[str]:
@@ -104,10 +96,11 @@ def test_unrouted_files_stay_and_are_reported_once(tree: FiledockTree) -> None:
     tree.drop("misc/readme.txt", b"?")
     tree.drop("orders/a.csv", b"a")
     tree.wait_final(1)
-    wait_for(lambda: metric(service, "filedock_unrouted_files") == 1, what="the metric")
-    scans = metric(service, "filedock_scan_duration_seconds_count")
+    wait_for(lambda: service.metric("filedock_unrouted_files") == 1, what="the metric")
+    scans = service.metric("filedock_scan_duration_seconds_count")
+    assert scans is not None, "filedock_scan_duration_seconds_count not exported"
     wait_for(
-        lambda: metric(service, "filedock_scan_duration_seconds_count") >= scans + 3,
+        lambda: service.metric("filedock_scan_duration_seconds_count") >= scans + 3,
         what="three more scans",
     )
     assert service.log().count("matches no route") == 1  # reported once, not on every scan
@@ -119,7 +112,7 @@ def test_stalled_upload_is_reported(tree: FiledockTree) -> None:
     tree.configure([command_route(stalled_after_s=0.5)], scan_interval_s=0.2)
     service = tree.start()
     (tree.transfer / "upload.csv.part").write_bytes(b"half of it")
-    wait_for(lambda: metric(service, "filedock_stalled_uploads") == 1, what="the stall metric")
+    wait_for(lambda: service.metric("filedock_stalled_uploads") == 1, what="the stall metric")
     assert "upload stalled" in service.log()
     service.stop()
 
