@@ -12,7 +12,6 @@ is left half-moved.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
@@ -23,7 +22,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from service.errors import StartupError
-from service.fsutil import probe_same_filesystem
+from service.fsutil import libc, probe_same_filesystem
 from service.http import Health, build_http_app, serve_http
 from service.ledger import JobRecord, Ledger, ledger_for_url
 from service.metrics import Metrics
@@ -310,10 +309,8 @@ def _limit_malloc_arenas() -> None:
     """
     if "MALLOC_ARENA_MAX" in os.environ:
         return
-    try:
-        ctypes.CDLL(None).mallopt(-8, 2)  # M_ARENA_MAX
-    except (OSError, AttributeError):
-        pass
+    if hasattr(libc, "mallopt"):
+        libc.mallopt(-8, 2)  # M_ARENA_MAX
 
 
 def _redact(url: str) -> str:

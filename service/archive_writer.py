@@ -17,8 +17,6 @@ removed, normally along with the next batch's `write`.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import os
 import pickle
@@ -38,7 +36,7 @@ from service import archive as arch
 from service import crash
 from service.crash import crash_point, fsync_fault
 from service.errors import JobError
-from service.fsutil import Barrier, remove_tree
+from service.fsutil import Barrier, libc, remove_tree
 from service.importers.base import Result
 from service.ledger.base import JobRecord
 
@@ -264,7 +262,6 @@ def _become_worker() -> int:
     _is_worker = True
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
     if hasattr(libc, "prctl"):
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     crash.kill_parent_too()

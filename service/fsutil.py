@@ -26,13 +26,15 @@ __all__ = [
     "copy_tree_durable",
     "fsync_dir",
     "fsync_path",
+    "libc",
     "move_tree",
     "probe_same_filesystem",
     "write_durable",
 ]
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-_syncfs = getattr(_libc, "syncfs", None)
+# The C library, loaded once: `syncfs` here; `prctl` in the archive worker, `mallopt` at start.
+libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+_syncfs = getattr(libc, "syncfs", None)
 
 
 def fsync_dir(path: Path | bytes) -> None:
