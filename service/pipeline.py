@@ -45,7 +45,15 @@ from service.claim import (
 from service.crash import crash_point
 from service.errors import JobError, Reject, Retry
 from service.fsutil import remove_tree
-from service.importers import Importer, ImportJob, Result, build_importer
+from service.importers import (
+    GroupImporter,
+    Importer,
+    ImportJob,
+    Outcome,
+    Result,
+    build_importer,
+    group_importer,
+)
 from service.ledger import JobRecord, Ledger
 from service.logs import job_fields
 from service.metrics import Metrics
@@ -59,17 +67,28 @@ log = logging.getLogger("filedock.pipeline")
 T = TypeVar("T")
 _ARCHIVE_RETRY_S = (1.0, 5.0, 15.0, 60.0)
 _ARCHIVING = ("outcome", "archive_path", "duplicate_of", "history", "sha256", "size", "mtime_ns")
+_GROUP_MAX = 16  # jobs a worker takes at once from a grouped lane
+_QUICK_S = 0.005  # imports this quick are grouped: a thread hand-off costs ~0.1 ms
 
 
 @dataclass
 class _Lane:
-    """A route at run time: its importer, limiter and queue of claimed jobs."""
+    """A route at run time: its importer, limiter and queue of claimed jobs.
+
+    `grouped` is the importer when it can take several jobs in one go (a sync python
+    callable) and the route keeps no order. While its imports are `quick` (the last
+    ones each took under `_QUICK_S`), a worker takes what is waiting, up to `_GROUP_MAX`
+    jobs, and records, imports and hands them on together: one ledger write and one
+    thread hand-off for all. Slow imports go one to a worker, side by side, as before.
+    """
 
     route: Route
     importer: Importer
     limiter: anyio.CapacityLimiter
     send: MemoryObjectSendStream[JobRecord]
     receive: MemoryObjectReceiveStream[JobRecord]
+    grouped: GroupImporter | None = None
+    quick: bool = False
 
 
 @dataclass
@@ -170,12 +189,14 @@ class Pipeline:
         self.lanes: dict[str, _Lane] = {}
         for route in settings.routes:
             send, receive = anyio.create_memory_object_stream[JobRecord](route.concurrency)
+            importer = build_importer(route, limiter=self.import_threads)
             self.lanes[route.name] = _Lane(
                 route,
-                build_importer(route, limiter=self.import_threads),
+                importer,
                 anyio.CapacityLimiter(route.concurrency),
                 send,
                 receive,
+                group_importer(importer) if route.order == "none" else None,
             )
             metrics.declare_route(route.name, route.concurrency)
         metrics.concurrency_limit.labels("").set(settings.max_concurrency)
@@ -376,32 +397,45 @@ class Pipeline:
     async def _worker(self, lane: _Lane) -> None:
         async with lane.receive:
             async for job in lane.receive:
+                if lane.grouped is not None:
+                    await self._work(lane, self._take_group(lane, job))
+                    continue
                 before, mine = self._order_wait.pop(job.id, (None, None))
                 try:
                     if before is not None:
                         await before.wait()
-                    await self._work(lane, job)
+                    await self._work(lane, [job])
                 finally:
                     if mine is not None:
                         mine.set()
                         self._forget_tail(mine)
 
-    async def _work(self, lane: _Lane, job: JobRecord) -> None:
+    @staticmethod
+    def _take_group(lane: _Lane, first: JobRecord) -> list[JobRecord]:
+        """`first` and, while imports are quick, the jobs already waiting behind it (none
+        is waited for)."""
+        jobs = [first]
+        while lane.quick and len(jobs) < _GROUP_MAX:
+            try:
+                jobs.append(lane.receive.receive_nowait())
+            except (anyio.WouldBlock, anyio.EndOfStream):
+                break
+        return jobs
+
+    async def _work(self, lane: _Lane, jobs: list[JobRecord]) -> None:
         while True:
             if self.draining:
-                self._release(job)  # stays claimed in proc/; the next start resumes it
+                for job in jobs:
+                    self._release(job)  # stays claimed in proc/; the next start resumes it
                 return
             async with lane.limiter, self.global_limiter:
-                try:
-                    await self._process(lane, job)
-                except Exception as e:  # the ledger failed, or a bug: defer, never crash
-                    self._defer(job, e)
-                    return
-            if lane.route.order == "none" or job.state != "waiting":
+                await self._process(lane, jobs)
+            if lane.route.order == "none" or jobs[0].state != "waiting":
                 return
-            # An ordered lane holds its place: the retry happens here, in order.
-            await anyio.sleep(max(0.0, (job.next_attempt_at or 0) - time.time()))
-            job.state = "claimed"
+            # An ordered lane (one job at a time) holds its place: the retry happens
+            # here, in order.
+            await anyio.sleep(max(0.0, (jobs[0].next_attempt_at or 0) - time.time()))
+            jobs[0].state = "claimed"
 
     def _defer(self, job: JobRecord, error: BaseException) -> None:
         """Set a job back after an unexpected failure: it stays in proc/, resumed later."""
@@ -427,12 +461,35 @@ class Pipeline:
     def job_dir(self, job: JobRecord) -> Path:
         return self.proc / job.id
 
-    async def _process(self, lane: _Lane, job: JobRecord) -> None:
-        route = lane.route
+    async def _process(self, lane: _Lane, jobs: list[JobRecord]) -> None:
+        """Check each job, then import those that pass: a suspect of a crash alone,
+        the others together. A failure of the ledger (or a bug) defers the job it hit."""
+        ready: list[JobRecord] = []
+        for job in jobs:
+            try:
+                if await self._prepare(lane.route, job):
+                    ready.append(job)
+            except Exception as e:
+                self._defer(job, e)
+        # After a crash of the service, each job it interrupted imports alone (no other
+        # import runs meanwhile): if it is the one that kills the service, the next
+        # recovery finds it the only one importing, and only it pays for it.
+        plain = [job for job in ready if not _suspect(job)]
+        for job in ready:
+            if _suspect(job):
+                async with self._gate.enter(exclusive=True):
+                    await self._run_attempts(lane, [job], isolated=True)
+        if plain:
+            async with self._gate.enter(exclusive=False):
+                await self._run_attempts(lane, plain, isolated=False)
+
+    async def _prepare(self, route: Route, job: JobRecord) -> bool:
+        """What comes before an import: vet, sidecar, duplicate, attempts left. False
+        when that settled the job (failed, waiting for a retry, or a duplicate)."""
         rejected = self._set_aside.pop(job.id, None)
         if rejected is not None:
             await self._fail(job, rejected, outcome="set_aside")
-            return
+            return False
         try:
             if job.id in self._vetted:
                 self._vetted.discard(job.id)  # vetted in its claim batch, moments ago
@@ -445,14 +502,14 @@ class Pipeline:
                 await self._wait_retry(route, job, e, e.message)
             else:
                 await self._fail(job, e, outcome="set_aside" if not e.retryable else "exhausted")
-            return
+            return False
         if route.duplicates == "skip" and job.sha256 is not None and not job.duplicate_of:
             since = time.time() - route.dedup_window_days * 86400
             original = await self.ledger.find_done_by_sha256(route.name, job.sha256, since)
             if original is not None and original != job.id:
                 job.duplicate_of = original
                 await self._to_archive(route, job, "duplicate", None)
-                return
+                return False
         if not self._attempts_left(route, job):
             # Its attempts were counted before imports that never finished (the
             # service died each time): a poison file ends here, not in a loop.
@@ -461,8 +518,8 @@ class Pipeline:
                 JobError("exhausted", f"{route.max_attempts} attempts used up: {job.error}"),
                 outcome="exhausted",
             )
-            return
-        await self._attempt(lane, job)
+            return False
+        return True
 
     async def _vet(self, route: Route, job: JobRecord) -> None:
         path = os.fsencode(self.job_dir(job)) + b"/" + stored_name(job.name)
@@ -506,18 +563,39 @@ class Pipeline:
                 charged += 1
         return charged < route.max_attempts
 
-    async def _attempt(self, lane: _Lane, job: JobRecord) -> None:
-        # After a crash of the service, each job it interrupted imports alone (no other
-        # import runs meanwhile): if it is the one that kills the service, the next
-        # recovery finds it the only one importing, and only it pays for it.
-        attempts = [h for h in job.history if "n" in h]
-        suspect = bool(attempts) and attempts[-1].get("result") == "interrupted"
-        async with self._gate.enter(exclusive=suspect):
-            await self._run_attempt(lane, job, isolated=suspect)
-
-    async def _run_attempt(self, lane: _Lane, job: JobRecord, *, isolated: bool) -> None:
+    async def _run_attempts(self, lane: _Lane, jobs: list[JobRecord], *, isolated: bool) -> None:
+        """Record the attempts `importing` (one ledger write), import, hand each on."""
         route = lane.route
         now = time.time()
+        import_jobs = [self._begin(route, job, now, isolated=isolated) for job in jobs]
+        try:
+            await shielded(
+                self.ledger.update_many(
+                    [
+                        self._fields(j, "attempts", "size", "mtime_ns", "sha256", "history")
+                        for j in jobs
+                    ]
+                )
+            )
+        except Exception as e:
+            for job in jobs:
+                self._defer(job, e)
+            return
+        gauge = self.metrics.in_progress.labels(route.name)
+        gauge.inc(len(jobs))
+        for _ in jobs:
+            crash_point("before_import")
+        try:
+            outcomes = await self._import(lane, import_jobs)
+        finally:
+            gauge.dec(len(jobs))
+        for job, outcome in zip(jobs, outcomes, strict=True):
+            try:
+                await self._imported(route, job, outcome, isolated=isolated)
+            except Exception as e:
+                self._defer(job, e)
+
+    def _begin(self, route: Route, job: JobRecord, now: float, *, isolated: bool) -> ImportJob:
         n = job.attempts + 1
         if n == 1 or not any("n" in h for h in job.history):
             self.metrics.queue_wait.labels(route.name).observe(max(0.0, now - job.detected_at))
@@ -525,48 +603,60 @@ class Pipeline:
         job.history.append({"n": n, "started_at": _ts(now), "result": "running"})
         if isolated:
             job.history[-1]["isolated"] = True
-        await shielded(self._save(job, "attempts", "size", "mtime_ns", "sha256", "history"))
-        out_dir, temp_dir = self.job_dir(job) / "out", self.temp / job.id
-        import_job = ImportJob(
+        return ImportJob(
             id=job.id,
             route=route.name,
             path=Path(os.fsdecode(os.fsencode(self.job_dir(job)) + b"/" + stored_name(job.name))),
             name=job.name,
             relative_path=job.relative_path,
-            out_dir=out_dir,
-            temp_dir=temp_dir,
+            out_dir=self.job_dir(job) / "out",
+            temp_dir=self.temp / job.id,
             attempt=n,
             size=job.size or 0,
             sha256=job.sha256 or "",
         )
-        gauge = self.metrics.in_progress.labels(route.name)
-        gauge.inc()
-        crash_point("before_import")
-        started = time.monotonic()
-        error: BaseException | None = None
-        result: Result | None = None
-        try:
-            with anyio.fail_after(_timeout(route)):
-                result = await lane.importer(import_job)
-        except (Retry, Reject, JobError, TimeoutError) as e:
-            error = e
-        except Exception as e:
-            error = e
+
+    async def _import(self, lane: _Lane, jobs: list[ImportJob]) -> list[Outcome]:
+        """Each job's outcome: a grouped lane's in one go, any other's one by one."""
+        timeout = _timeout(lane.route)
+        if lane.grouped is not None:
+            try:
+                outcomes = await lane.grouped.run_group(jobs, timeout)
+            except Exception as e:  # a bug of the group runner: each job failed with it
+                return [Outcome(error=e) for _ in jobs]
+            lane.quick = all(o.elapsed_s < _QUICK_S for o in outcomes)
+            return outcomes
+        outcomes = []
+        for job in jobs:
+            started = time.monotonic()
+            try:
+                with anyio.fail_after(timeout):
+                    result = await lane.importer(job)
+            except Exception as e:
+                outcomes.append(Outcome(error=e, elapsed_s=time.monotonic() - started))
+            else:
+                outcomes.append(Outcome(result, elapsed_s=time.monotonic() - started))
+        return outcomes
+
+    async def _imported(
+        self, route: Route, job: JobRecord, outcome: Outcome, *, isolated: bool
+    ) -> None:
+        error = outcome.error
+        if error is not None and not isinstance(error, Retry | Reject | JobError | TimeoutError):
             log.warning(
                 "importer raised",
-                extra=job_fields(job.id, route=route.name, name=job.name, error=repr(e)[:500]),
-                exc_info=True,
+                extra=job_fields(job.id, route=route.name, name=job.name, error=repr(error)[:500]),
+                exc_info=error,
             )
-        finally:
-            gauge.dec()
-            elapsed = time.monotonic() - started
-            self.metrics.import_duration.labels(route.name).observe(elapsed)
+        self.metrics.import_duration.labels(route.name).observe(outcome.elapsed_s)
         crash_point("after_import")
         job.history[-1]["ended_at"] = _ts(time.time())
-        job.history[-1]["elapsed_s"] = round(elapsed, 4)
-        if error is None and result is not None:
+        job.history[-1]["elapsed_s"] = round(outcome.elapsed_s, 4)
+        if error is None and outcome.result is not None:
             job.history[-1]["result"] = "ok"
-            await self._to_archive(route, job, result.outcome, result, record_now=isolated)
+            await self._to_archive(
+                route, job, outcome.result.outcome, outcome.result, record_now=isolated
+            )
             return
         await self._import_failed(route, job, error)
 
@@ -879,6 +969,12 @@ def _needs_dirs(route: Route) -> bool:
     them when they write there (most never do, and four metadata operations a file
     are a fifth of the per-file cost)."""
     return isinstance(route.importer, CommandImporterSettings)
+
+
+def _suspect(job: JobRecord) -> bool:
+    """Its last attempt was interrupted by a crash of the service."""
+    attempts = [h for h in job.history if "n" in h]
+    return bool(attempts) and attempts[-1].get("result") == "interrupted"
 
 
 def order_key(route: Route, rel: bytes) -> str:

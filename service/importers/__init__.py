@@ -4,14 +4,22 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from service.importers.base import Importer, ImportJob, Result
+from service.importers.base import GroupImporter, Importer, ImportJob, Outcome, Result
 
 if TYPE_CHECKING:  # the archive worker unpickles a `Result`: no pydantic there
     import anyio
 
     from service.settings import Route
 
-__all__ = ["ImportJob", "Importer", "Result", "build_importer"]
+__all__ = [
+    "GroupImporter",
+    "ImportJob",
+    "Importer",
+    "Outcome",
+    "Result",
+    "build_importer",
+    "group_importer",
+]
 
 
 def build_importer(route: Route, *, limiter: anyio.CapacityLimiter) -> Importer:
@@ -30,3 +38,14 @@ def build_importer(route: Route, *, limiter: anyio.CapacityLimiter) -> Importer:
 
         return CsvSqlImporter(s, limiter=limiter)
     raise AssertionError(f"unknown importer kind {s!r}")
+
+
+def group_importer(importer: Importer) -> GroupImporter | None:
+    """`importer`, when it can take several jobs in one go: a sync python callable,
+    whose quick imports then share a worker thread's call. A command or an async
+    callable gains nothing, and csv-sql's imports are transactions of their own."""
+    from service.importers.python import PythonImporter
+
+    if isinstance(importer, PythonImporter) and not importer.is_async:
+        return importer
+    return None

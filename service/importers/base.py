@@ -7,11 +7,12 @@ importer's idempotency key: a crash mid-import re-runs the import.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-__all__ = ["ImportJob", "Importer", "Result"]
+__all__ = ["GroupImporter", "ImportJob", "Importer", "Outcome", "Result"]
 
 
 @dataclass(frozen=True)
@@ -67,3 +68,19 @@ class Result:
 
 class Importer(Protocol):
     async def __call__(self, job: ImportJob) -> Result: ...
+
+
+@dataclass
+class Outcome:
+    """How one import ended: its result, or the exception that ended it, and how long it ran."""
+
+    result: Result | None = None
+    error: BaseException | None = None
+    elapsed_s: float = 0.0
+
+
+class GroupImporter(Importer, Protocol):
+    """An importer that can take several jobs in one go, each with its own outcome
+    (in the order of `jobs`), each within `timeout_s`."""
+
+    async def run_group(self, jobs: Sequence[ImportJob], timeout_s: float) -> list[Outcome]: ...

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 from conftest import command_route
@@ -128,3 +129,34 @@ def test_files_in_flight_with_a_service_killer_do_not_pay_for_it(rtree: RelTree)
     assert not exhausted, f"good files failed for the killer's crashes: {exhausted}"
     check_i4(rtree, set(good))
     rtree.check_invariants({b"kills-the-service.csv": b"KILL\n", **good})
+
+
+def test_a_hung_python_import_among_quick_ones_is_charged_alone(rtree: RelTree) -> None:
+    """A sync python importer's quick imports share a worker thread's call; one that
+    hangs there times out alone. The others end done, each imported once: the abandoned
+    thread starts none of them again when it wakes."""
+    route = python_route("quick", concurrency=1, max_attempts=2)
+    route["importer"]["timeout_s"] = 1
+    rtree.configure([route])
+    quick = {f"q-{i:02d}.csv".encode(): f"{i}\n".encode() for i in range(40)}
+    dropped = {**quick, b"q-20-hangs.csv": b"SLEEP 3\n"}
+    for rel, content in dropped.items():
+        rtree.drop(rel, content)
+    service = rtree.start()
+    wait_for(lambda: rtree.settled(len(dropped)), timeout=60, what="every file to end")
+    # The hung attempt's thread wakes 3 s after it started: give it its chance to misbehave.
+    wait_for(
+        lambda: sum(r["event"] == "end" for r in rtree.records()) >= len(quick) + 2,
+        timeout=30,
+        what="both hung attempts to return",
+    )
+    assert service.stop() == 0
+    rows = {bytes(r["relative_path"]): r for r in rtree.rows()}
+    hung = rows[b"q-20-hangs.csv"]
+    assert (hung["state"], hung["outcome"]) == ("failed", "exhausted")
+    assert [h["result"] for h in json.loads(hung["history"])] == ["timeout", "timeout"]
+    assert all((rows[rel]["state"], rows[rel]["attempts"]) == ("done", 1) for rel in quick)
+    runs = Counter(r["job_id"] for r in rtree.records() if r["event"] == "run")
+    assert all(runs[rows[rel]["id"]] == 1 for rel in quick), runs
+    rtree.check_invariants(dropped)
+    report("hung_python_import", quick_files=len(quick), quick_reimported=0)
