@@ -3,7 +3,7 @@
     .venv/bin/python bench/compare.py --variant before=/work/main \\
         --variant after=/tmp/fd-exp --scenario burst --files 10000 --runs 3
 
-Each run goes through every variant in turn (and the two floors, for bursts), so a noisy
+Each run goes through every variant in turn (and the three floors, for bursts), so a noisy
 neighbour hurts them alike. `--set key=value` adds to the filedock configuration
 (YAML values: `--set debounce_ms=5`, `--set watch_mode=scan`). Results go to
 bench/results/compare-<stamp>.json; the table goes to stdout.
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=30.0, help="sustained: duration")
     ap.add_argument("--window", type=float, default=10.0, help="backlog: seconds watched")
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--floor", action="store_true", help="burst: run both floors too")
+    ap.add_argument("--floor", action="store_true", help="burst: run the three floors too")
     ap.add_argument("--workdir", type=Path, default=Path("/var/tmp"))
     ap.add_argument("--results", type=Path, default=REPO / "bench" / "results")
     args = ap.parse_args(argv)
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         log=lambda m: print(m, flush=True),
     )
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in variants}
-    floors = ("floor", "layout") if args.floor else ()
+    floors = scenarios.FLOORS if args.floor else ()
     for floor in floors:
         runs[floor] = []
     try:
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                 runs[name].append(res)
                 print(f"  run {r + 1}/{args.runs} {name}: {_brief(res)}", flush=True)
             for floor in floors:
-                res = _floor(ctx, args.files, r, layout=floor == "layout")
+                res = _floor(ctx, args.files, r, floor)
                 runs[floor].append(res)
                 print(f"  run {r + 1}/{args.runs} {floor}: {_brief(res)}", flush=True)
     finally:
@@ -133,10 +133,10 @@ def _one(ctx: scenarios.Ctx, args: argparse.Namespace, r: int, name: str, extra:
     return res
 
 
-def _floor(ctx: scenarios.Ctx, n: int, r: int, *, layout: bool) -> dict[str, Any]:
-    work = ctx.fresh(f"floor-{r}")
+def _floor(ctx: scenarios.Ctx, n: int, r: int, kind: str) -> dict[str, Any]:
+    work = ctx.fresh(f"{kind}-{r}")
     names, _ = scenarios._stage(work / "staging", n, 1024, hashes=False)
-    res = scenarios._burst_floor(work, work / "staging", names, layout=layout)
+    res = scenarios._burst_floor(work, work / "staging", names, kind)
     ctx.clean(work)
     return res
 

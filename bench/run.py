@@ -79,7 +79,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         )
     ap.add_argument(
         "--contenders",
-        default="floor,layout,peer,filedock",
+        default="floor,layout,work,peer,filedock",
         help="which contenders run in the burst and sustained scenarios",
     )
     ap.add_argument("--no-peer-sustained", action="store_true", help="skip the peer at 200/s")

@@ -1,5 +1,6 @@
 """The contenders: the floor (a plain loop), the loop of filedock's folder layout with its
-group commit, the peer (inotifywait + bash) and filedock."""
+group commit, the loop of all of filedock's work (layout, checks, ledger), the peer
+(inotifywait + bash) and filedock."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import yaml
 
 from fdbench.common import BenchError, cpu_seconds, free_port, mem_kib, wait_until
 from service.fsutil import syncfs  # the barrier filedock's own group commit uses
+from service.ledger.sqlite import _SCHEMA as LEDGER_SCHEMA  # filedock's own tables
 
 BENCH_DIR = Path(__file__).resolve().parents[1]
 
@@ -63,6 +65,14 @@ def run_floor(transfer: Path, proc: Path, archive_day: Path) -> dict[str, Any]:
     return {"files": len(names), "start": t0, "end": t1, "cpu_s": cpu1 - cpu0}
 
 
+def _write_new(path: bytes, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
 def run_layout_floor(
     transfer: Path, proc: Path, archive_day: Path, *, batch: int = 64
 ) -> dict[str, Any]:
@@ -79,15 +89,6 @@ def run_layout_floor(
     archive_day.mkdir(parents=True, exist_ok=True)
     proc.mkdir(parents=True, exist_ok=True)
     t, p, a = (os.fsencode(x) + b"/" for x in (transfer, proc, archive_day))
-    wflags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
-
-    def write(path: bytes, data: bytes) -> None:
-        fd = os.open(path, wflags, 0o644)
-        try:
-            os.write(fd, data)
-        finally:
-            os.close(fd)
-
     cpu0, t0 = time.process_time(), time.time()
     names = os.listdir(os.fsencode(transfer))
     jobs = [(b"%08d" % i, name) for i, name in enumerate(names)]
@@ -102,9 +103,9 @@ def run_layout_floor(
                 data = f.read()
             tmp = a + job + b".tmp"
             os.mkdir(tmp)
-            write(tmp + b"/" + name + b".gz", gzip.compress(data, 6, mtime=0))
+            _write_new(tmp + b"/" + name + b".gz", gzip.compress(data, 6, mtime=0))
             manifest = {"job_id": job.decode(), "name": os.fsdecode(name), "size": len(data)}
-            write(tmp + b"/manifest.json", json.dumps(manifest, indent=2).encode())
+            _write_new(tmp + b"/manifest.json", json.dumps(manifest, indent=2).encode())
         syncfs(a)
         for job, _ in chunk:
             os.rename(a + job + b".tmp", a + job)
@@ -112,6 +113,109 @@ def run_layout_floor(
         for job, name in chunk:
             os.unlink(p + job + b"/" + name)
             os.rmdir(p + job)
+    t1, cpu1 = time.time(), time.process_time()
+    return {"files": len(names), "start": t0, "end": t1, "cpu_s": cpu1 - cpu0}
+
+
+def run_work_floor(
+    transfer: Path, proc: Path, archive_day: Path, ledger: Path, *, batch: int = 64
+) -> dict[str, Any]:
+    """Everything filedock must do for a file, as one plain loop: the layout floor's
+    file work, plus the checks and the ledger the design asks for.
+
+    Per batch of 64, as filedock does it: the jobs' rows inserted and the WAL fsynced
+    before the claims (the row first); each claimed file read and hashed (its SHA-256);
+    `importing` recorded; the no-op import (one read); `archiving` recorded; each source
+    read again and checked against its hash, gzipped, the copy expanded and checked, and
+    written with its manifest; the renames; `done` recorded; the sources removed. The
+    ledger is SQLite in WAL mode, `synchronous=NORMAL`, filedock's schema. No watcher,
+    no event loop, no worker process, no log: what a service keeping these promises
+    cannot do with less.
+    """
+    archive_day.mkdir(parents=True, exist_ok=True)
+    proc.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(ledger, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.executescript(LEDGER_SCHEMA)
+    t, p, a = (os.fsencode(x) + b"/" for x in (transfer, proc, archive_day))
+
+    def read(path: bytes) -> bytes:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return os.read(fd, os.fstat(fd).st_size + 1)
+        finally:
+            os.close(fd)
+
+    def record(chunk: list[tuple[bytes, bytes]], **fields: Any) -> None:
+        sql = (
+            f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in fields)}, updated_at = ? WHERE id = ?"
+        )
+        now = time.time()
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany(sql, [(*fields.values(), now, job.decode()) for job, _ in chunk])
+        conn.execute("COMMIT")
+
+    insert = (
+        "INSERT INTO jobs (id, route, name, relative_path, state, detected_at, created_at,"
+        " updated_at, history) VALUES (?, 'bench', ?, ?, 'claimed', ?, ?, ?, '[]')"
+    )
+    history = json.dumps([{"n": 1, "started_at": "2026-11-24T00:00:00Z", "result": "ok"}])
+    cpu0, t0 = time.process_time(), time.time()
+    names = os.listdir(os.fsencode(transfer))
+    jobs = [(b"%08d" % i, name) for i, name in enumerate(names)]
+    wal = os.open(f"{ledger}-wal", os.O_RDONLY | os.O_CREAT, 0o644)
+    try:
+        for start in range(0, len(jobs), batch):
+            chunk = jobs[start : start + batch]
+            now = time.time()
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(insert, [(j.decode(), n, n, now, now, now) for j, n in chunk])
+            conn.execute("COMMIT")
+            os.fsync(wal)
+            for job, name in chunk:
+                os.mkdir(p + job)
+                os.rename(t + name, p + job + b"/" + name)
+            syncfs(p)
+            sha = {
+                job: hashlib.sha256(read(p + job + b"/" + name)).hexdigest() for job, name in chunk
+            }
+            record(chunk, state="importing", attempts=1, history=history)
+            for job, name in chunk:  # the no-op import
+                read(p + job + b"/" + name)
+            record(chunk, state="archiving", outcome="imported", history=history)
+            for job, name in chunk:
+                data = read(p + job + b"/" + name)
+                if hashlib.sha256(data).hexdigest() != sha[job]:
+                    raise BenchError(f"{name!r} changed")
+                blob = gzip.compress(data, 6, mtime=0)
+                if hashlib.sha256(gzip.decompress(blob)).hexdigest() != sha[job]:
+                    raise BenchError(f"{name!r}: bad copy")
+                tmp = a + job + b".tmp"
+                os.mkdir(tmp)
+                _write_new(tmp + b"/" + name + b".gz", blob)
+                manifest = {
+                    "job_id": job.decode(),
+                    "name": os.fsdecode(name),
+                    "size": len(data),
+                    "sha256": sha[job],
+                    "outcome": "imported",
+                    "files": [{"name": os.fsdecode(name) + ".gz", "sha256": sha[job]}],
+                    "history": json.loads(history),
+                }
+                doc = json.dumps(manifest, indent=2) + "\n"
+                _write_new(tmp + b"/manifest.json", doc.encode())
+            syncfs(a)
+            for job, _ in chunk:
+                os.rename(a + job + b".tmp", a + job)
+            syncfs(a)
+            record(chunk, state="done")
+            for job, name in chunk:
+                os.unlink(p + job + b"/" + name)
+                os.rmdir(p + job)
+    finally:
+        os.close(wal)
+        conn.close()
     t1, cpu1 = time.time(), time.process_time()
     return {"files": len(names), "start": t0, "end": t1, "cpu_s": cpu1 - cpu0}
 

@@ -51,14 +51,15 @@ def _burst(r: dict[str, Any], rows: list[Row]) -> None:
     )
     c = r["cpu_ms_per_file"]
     rows.append(("", "CPU ms per file", fmt(c.get("floor"), 2), "", fmt(c.get("filedock"), 2)))
-    if "layout" in f:
-        # The floor again with filedock's folders (4 new inodes a file, not 1): its own rows.
-        rows.append(("", "layout floor: files/s", fmt(f["layout"]), "", ""))
-        rows.append(("", "layout floor: CPU ms per file", fmt(c.get("layout"), 2), "", ""))
-        rows.append(("", "layout floor ÷ floor", fmt(r.get("layout_vs_floor"), 2, "x"), "", ""))
-        rows.append(
-            ("", "filedock ÷ layout floor", fmt(r.get("filedock_vs_layout"), 2, "x"), "", "")
-        )
+    # The floor again with filedock's folders (4 new inodes a file, not 1), then with its
+    # folders, checks and ledger: their own rows.
+    for who, label in (("layout", "layout floor"), ("work", "work floor")):
+        if who not in f:
+            continue
+        rows.append(("", f"{label}: files/s", fmt(f[who]), "", ""))
+        rows.append(("", f"{label}: CPU ms per file", fmt(c.get(who), 2), "", ""))
+        rows.append(("", f"{label} ÷ floor", fmt(r.get(f"{who}_vs_floor"), 2, "x"), "", ""))
+        rows.append(("", f"filedock ÷ {label}", fmt(r.get(f"filedock_vs_{who}"), 2, "x"), "", ""))
     if "peer_dropped" in r or "filedock_peak_rss_mib" in r:
         rows.append(("", "files dropped", "0", fmt(r.get("peer_dropped")), "0 (verified)"))
     if "filedock_peak_rss_mib" in r:

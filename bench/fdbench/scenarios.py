@@ -28,6 +28,7 @@ from fdbench.contenders import (
     Peer,
     run_floor,
     run_layout_floor,
+    run_work_floor,
     verify_filedock,
 )
 
@@ -51,7 +52,7 @@ class Ctx:
     idle_unrouted: int
     peer_sustained: bool
     peer_big: bool
-    contenders: tuple[str, ...] = ("floor", "layout", "peer", "filedock")
+    contenders: tuple[str, ...] = ("floor", "layout", "work", "peer", "filedock")
     py_spy: Path | None = None
     log: Callable[[str], None] = print
     lost_files: int = 0
@@ -179,13 +180,13 @@ def _rounds(
 
 def burst(ctx: Ctx) -> dict[str, Any]:
     n = ctx.burst_files
-    order = [c for c in ("floor", "layout", "peer", "filedock") if c in ctx.contenders]
+    order = [c for c in ("floor", "layout", "work", "peer", "filedock") if c in ctx.contenders]
 
     def measure(
         who: str, work: Path, staging: Path, names: list[str], sources: dict[str, str], r: int
     ) -> dict[str, Any]:
-        if who in ("floor", "layout"):
-            return _burst_floor(work, staging, names, layout=who == "layout")
+        if who in FLOORS:
+            return _burst_floor(work, staging, names, who)
         if who == "peer":
             return _burst_peer(ctx, work, staging, names)
         return _burst_filedock(ctx, work, staging, names, sources, f"burst-{r}")
@@ -193,15 +194,21 @@ def burst(ctx: Ctx) -> dict[str, Any]:
     return _burst_summary(_rounds(ctx, "burst", order, n, measure, _fmt_run))
 
 
-def _burst_floor(
-    work: Path, staging: Path, names: list[str], *, layout: bool = False
-) -> dict[str, Any]:
+FLOORS = ("floor", "layout", "work")
+
+
+def _burst_floor(work: Path, staging: Path, names: list[str], kind: str) -> dict[str, Any]:
+    """One of the plain loops: `floor` (the issue's), `layout` (filedock's folders) or
+    `work` (its folders, checks and ledger)."""
     transfer = work / "transfer"
     transfer.mkdir()
     rename_all(staging, transfer, names)
     os.sync()
-    run = run_layout_floor if layout else run_floor
-    out = run(transfer, work / "proc", work / "archive" / "day")
+    args = (transfer, work / "proc", work / "archive" / "day")
+    if kind == "work":
+        out = run_work_floor(*args, work / "ledger.sqlite3")
+    else:
+        out = (run_layout_floor if kind == "layout" else run_floor)(*args)
     n = out["files"]
     return {
         "files": n,
@@ -284,23 +291,24 @@ def _burst_summary(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     out: dict[str, Any] = {"runs": runs, "files_per_s": s, "targets": []}
     out["cpu_ms_per_file"] = {
         who: summary([r["cpu_ms_per_file"] for r in runs[who]])
-        for who in ("filedock", "floor", "layout")
+        for who in ("filedock", *FLOORS)
         if who in runs
     }
     if fd:
         out["filedock_peak_rss_mib"] = summary([r["peak_rss_mib"] for r in fd])
     if "peer" in runs:
         out["peer_dropped"] = summary([r["dropped"] for r in runs["peer"]])
-    if "layout" in runs and "floor" in runs:  # what the layout alone costs, per round
-        out["layout_vs_floor"] = summary(_per_round(runs["layout"], runs["floor"]))
-    for who, bound in (("floor", 0.8), ("layout", None), ("peer", 6.0)):
+    for who in ("layout", "work"):  # what the layout, and all the work, cost, per round
+        if who in runs and "floor" in runs:
+            out[f"{who}_vs_floor"] = summary(_per_round(runs[who], runs["floor"]))
+    for who, bound in (("floor", 0.8), ("layout", None), ("work", None), ("peer", 6.0)):
         if not fd or who not in runs:
             continue
         paired = summary(_per_round(fd, runs[who]))
         a_med, b_med = s["filedock"]["median"], s[who]["median"]
         paired["ratio_of_medians"] = a_med / b_med if a_med and b_med else None
         out[f"filedock_vs_{who}"] = paired
-        if bound is None:  # the layout floor explains the floor target; it has none itself
+        if bound is None:  # the layout and work floors explain the floor target; no targets
             continue
         out["targets"].append(
             _target(f"burst ≥ {bound:g} x {who}", paired["median"], ">=", bound, "x")
