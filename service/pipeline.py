@@ -99,6 +99,7 @@ class _ToArchive:
     done: anyio.Event = field(default_factory=anyio.Event)
     tries: int = 0
     done_at: float = 0.0  # when the ledger recorded it `done`
+    recorded: bool = False  # the ledger holds it `archiving`; else the archiver writes that
 
 
 class _Gate:
@@ -508,7 +509,7 @@ class Pipeline:
             original = await self.ledger.find_done_by_sha256(route.name, job.sha256, since)
             if original is not None and original != job.id:
                 job.duplicate_of = original
-                await self._to_archive(route, job, "duplicate", None)
+                await self._to_archive(route, [self._archivable(job, "duplicate", None)])
                 return False
         if not self._attempts_left(route, job):
             # Its attempts were counted before imports that never finished (the
@@ -589,11 +590,18 @@ class Pipeline:
             outcomes = await self._import(lane, import_jobs)
         finally:
             gauge.dec(len(jobs))
+        imported: list[_ToArchive] = []
         for job, outcome in zip(jobs, outcomes, strict=True):
             try:
-                await self._imported(route, job, outcome, isolated=isolated)
+                result = self._imported(route, job, outcome)
+                if result is not None:
+                    imported.append(self._archivable(job, result.outcome, result))
+                else:
+                    await self._import_failed(route, job, outcome.error)
             except Exception as e:
                 self._defer(job, e)
+        if imported:
+            await self._to_archive(route, imported)
 
     def _begin(self, route: Route, job: JobRecord, now: float, *, isolated: bool) -> ImportJob:
         n = job.attempts + 1
@@ -638,9 +646,8 @@ class Pipeline:
                 outcomes.append(Outcome(result, elapsed_s=time.monotonic() - started))
         return outcomes
 
-    async def _imported(
-        self, route: Route, job: JobRecord, outcome: Outcome, *, isolated: bool
-    ) -> None:
+    def _imported(self, route: Route, job: JobRecord, outcome: Outcome) -> Result | None:
+        """Note how the attempt ended (history, metrics); its result if it succeeded."""
         error = outcome.error
         if error is not None and not isinstance(error, Retry | Reject | JobError | TimeoutError):
             log.warning(
@@ -654,11 +661,8 @@ class Pipeline:
         job.history[-1]["elapsed_s"] = round(outcome.elapsed_s, 4)
         if error is None and outcome.result is not None:
             job.history[-1]["result"] = "ok"
-            await self._to_archive(
-                route, job, outcome.result.outcome, outcome.result, record_now=isolated
-            )
-            return
-        await self._import_failed(route, job, error)
+            return outcome.result
+        return None
 
     async def _import_failed(
         self, route: Route, job: JobRecord, error: BaseException | None
@@ -738,29 +742,31 @@ class Pipeline:
 
     # -- archive -------------------------------------------------------------------
 
-    async def _to_archive(
-        self,
-        route: Route,
-        job: JobRecord,
-        outcome: str,
-        result: Result | None,
-        *,
-        record_now: bool = False,
-    ) -> None:
-        """Hand a job to the archiver, which records `archiving` for its whole batch.
-
-        `record_now` writes it at once: a suspect of a crash must not look `importing`
-        once the next suspect starts, or a crash would be blamed on it too.
-        """
+    def _archivable(self, job: JobRecord, outcome: str, result: Result | None) -> _ToArchive:
         job.state = "archiving"
         job.outcome = outcome  # type: ignore[assignment]
         job.archive_path = str(arch.archive_dir_for(self.archive_root, job.id))
-        if record_now:
-            await shielded(self._save(job, *_ARCHIVING))
-        item = _ToArchive(job, outcome, result)
-        await self._archive_send.send(item)
+        return _ToArchive(job, outcome, result)
+
+    async def _to_archive(self, route: Route, items: list[_ToArchive]) -> None:
+        """Record the jobs `archiving` (one ledger write) and hand them to the archiver.
+
+        Recorded here, a job that has imported never looks `importing` again: a crash
+        while it waits for the archiver neither imports it again nor blames it for the
+        crash. Should the write fail, the archiver tries it before the build.
+        """
+        try:
+            await shielded(self._record_archiving(items))
+        except Exception as e:
+            self.metrics.ledger_errors.inc()
+            log.error(
+                "cannot record jobs archiving; the archiver will", extra={"error": repr(e)[:300]}
+            )
+        for item in items:
+            await self._archive_send.send(item)
         if route.order != "none":
-            await item.done.wait()  # the next file of an ordered lane waits for this one
+            for item in items:
+                await item.done.wait()  # the next file of an ordered lane waits for this one
 
     async def _archiver(self) -> None:
         """One batch at a time. A batch's sources leave proc/ (once it is recorded
@@ -786,11 +792,11 @@ class Pipeline:
     async def _archive_batch(
         self, batch: list[_ToArchive], archived: list[_ToArchive]
     ) -> list[_ToArchive]:
-        """Record `archiving`; build and publish the archives, removing the sources of
-        `archived` meanwhile; record `done`. Returns the jobs now `done`, whose sources
-        are still to be removed."""
+        """Record `archiving` where that is not done yet; build and publish the
+        archives, removing the sources of `archived` meanwhile; record `done`. Returns
+        the jobs now `done`, whose sources are still to be removed."""
         try:
-            await self.ledger.update_many([self._fields(i.job, *_ARCHIVING) for i in batch])
+            await self._record_archiving([i for i in batch if not i.recorded])
         except Exception as e:  # the ledger cannot be written: try the batch again later
             await self._remove_sources(archived)
             for item in batch:
@@ -824,6 +830,12 @@ class Pipeline:
             if err is not None:
                 await self._archive_failed(item, err)
         return published
+
+    async def _record_archiving(self, items: list[_ToArchive]) -> None:
+        if items:
+            await self.ledger.update_many([self._fields(i.job, *_ARCHIVING) for i in items])
+            for item in items:
+                item.recorded = True
 
     async def _remove_sources(self, archived: list[_ToArchive]) -> None:
         if archived:

@@ -129,15 +129,35 @@ def test_imported_jobs_waiting_for_the_archiver_are_not_charged_by_a_crash(
     files = {f"f-{i:02d}.bin".encode(): os.urandom(1 << 20) for i in range(20)}
     for rel, content in files.items():
         rtree.drop(rel, content)
+    # jobs the ledger held `archiving` at a crash -> the services that had run by then
+    waiting: dict[str, set[int]] = {}
+    at_first_crash = 0
     for _ in range(3):  # as many crashes as max_attempts, all while archiving
         crashed = rtree.run_once(env=rtree.env(FILEDOCK_TEST_CRASH_AT="mid_archive:2"))
         assert crashed.returncode == -9
+        ran = {r["pid"] for r in rtree.records()}
+        archiving = [row["id"] for row in rtree.rows() if row["state"] == "archiving"]
+        for job_id in archiving:
+            waiting.setdefault(job_id, ran)
+        at_first_crash = at_first_crash or len(archiving)
     rtree.run_once()
     rows = rtree.rows()
-    completed = {}
+    completed: dict[str, int] = {}
     for r in rtree.records():
         if r["event"] == "end":
             completed[r["job_id"]] = completed.get(r["job_id"], 0) + 1
+    # An import, once it ended and was recorded, is not run again after a crash.
+    again = sorted(
+        {
+            r["job_id"]
+            for r in rtree.records()
+            if r["pid"] not in waiting.get(r["job_id"], {r["pid"]})
+        }
+    )
+    assert not again, f"imported again after a crash, though recorded archiving: {again}"
+    # The imports are quick, the archives one at a time: by the second archive most
+    # files have imported, and the ledger says so (not `importing`).
+    assert at_first_crash >= len(files) // 2, f"{at_first_crash} jobs archiving at the crash"
     exhausted = {
         bytes(r["name"]): completed.get(r["id"], 0) for r in rows if r["outcome"] == "exhausted"
     }
@@ -147,6 +167,8 @@ def test_imported_jobs_waiting_for_the_archiver_are_not_charged_by_a_crash(
         crashes=3,
         exhausted=len(exhausted),
         completed_imports_of_exhausted=sorted(exhausted.values()),
+        archiving_at_the_first_crash=at_first_crash,
+        imported_more_than_once=sum(n > 1 for n in completed.values()),
     )
     assert not exhausted, (
         f"imported, then failed as exhausted (name: completed imports): {exhausted}"
