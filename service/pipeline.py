@@ -67,6 +67,8 @@ log = logging.getLogger("filedock.pipeline")
 T = TypeVar("T")
 _ARCHIVE_RETRY_S = (1.0, 5.0, 15.0, 60.0)
 _ARCHIVING = ("outcome", "archive_path", "duplicate_of", "history", "sha256", "size", "mtime_ns")
+_DONE = ("outcome", "archive_path", "failed_path")
+_ARCHIVED = (*_ARCHIVING, "failed_path")  # `done` for a job never recorded `archiving`
 _GROUP_MAX = 16  # jobs a worker takes at once from a grouped lane
 _QUICK_S = 0.005  # imports this quick are grouped: a thread hand-off costs ~0.1 ms
 
@@ -601,7 +603,7 @@ class Pipeline:
             except Exception as e:
                 self._defer(job, e)
         if imported:
-            await self._to_archive(route, imported)
+            await self._to_archive(route, imported, record_all=isolated)
 
     def _begin(self, route: Route, job: JobRecord, now: float, *, isolated: bool) -> ImportJob:
         n = job.attempts + 1
@@ -748,15 +750,22 @@ class Pipeline:
         job.archive_path = str(arch.archive_dir_for(self.archive_root, job.id))
         return _ToArchive(job, outcome, result)
 
-    async def _to_archive(self, route: Route, items: list[_ToArchive]) -> None:
+    async def _to_archive(
+        self, route: Route, items: list[_ToArchive], *, record_all: bool = False
+    ) -> None:
         """Record the jobs `archiving` (one ledger write) and hand them to the archiver.
 
-        Recorded here, a job that has imported never looks `importing` again: a crash
+        Recorded here, a job that has imported no longer looks `importing`: a crash
         while it waits for the archiver neither imports it again nor blames it for the
-        crash. Should the write fail, the archiver tries it before the build.
+        crash. Its archive is then built from the ledger alone, so a job whose result
+        holds more (an importer log, pending records) stays `importing` until `done`,
+        and a crash meanwhile imports it again. `record_all` records those too: a
+        suspect of a crash must not look `importing` once the next suspect starts.
+        Should the write fail, the archiver tries it before the build.
         """
+        now = [i for i in items if record_all or _rebuildable(i.result)]
         try:
-            await shielded(self._record_archiving(items))
+            await shielded(self._record_archiving(now))
         except Exception as e:
             self.metrics.ledger_errors.inc()
             log.error(
@@ -792,11 +801,14 @@ class Pipeline:
     async def _archive_batch(
         self, batch: list[_ToArchive], archived: list[_ToArchive]
     ) -> list[_ToArchive]:
-        """Record `archiving` where that is not done yet; build and publish the
-        archives, removing the sources of `archived` meanwhile; record `done`. Returns
-        the jobs now `done`, whose sources are still to be removed."""
+        """Record `archiving` where that is not done yet (and the archive needs nothing
+        the ledger does not keep); build and publish the archives, removing the sources
+        of `archived` meanwhile; record `done`. Returns the jobs now `done`, whose
+        sources are still to be removed."""
         try:
-            await self._record_archiving([i for i in batch if not i.recorded])
+            await self._record_archiving(
+                [i for i in batch if not i.recorded and _rebuildable(i.result)]
+            )
         except Exception as e:  # the ledger cannot be written: try the batch again later
             await self._remove_sources(archived)
             for item in batch:
@@ -818,7 +830,7 @@ class Pipeline:
             item.job.state, item.done_at = "done", now
         try:
             await self.ledger.update_many(
-                [self._fields(i.job, "outcome", "archive_path", "failed_path") for i in published]
+                [self._fields(i.job, *(_DONE if i.recorded else _ARCHIVED)) for i in published]
             )
         except Exception as e:  # published, not yet recorded: the retry finds the archive
             for item in published:
@@ -981,6 +993,13 @@ def _needs_dirs(route: Route) -> bool:
     them when they write there (most never do, and four metadata operations a file
     are a fifth of the per-file cost)."""
     return isinstance(route.importer, CommandImporterSettings)
+
+
+def _rebuildable(result: Result | None) -> bool:
+    """The archive needs nothing of this result that the ledger does not keep (a job
+    recovered `archiving` is archived without its result, its log or pending records).
+    A job whose result is not stays `importing` until `done`: a crash imports it again."""
+    return result is None or (result.log is None and result.pending is None)
 
 
 def _suspect(job: JobRecord) -> bool:

@@ -174,3 +174,28 @@ def test_imported_jobs_waiting_for_the_archiver_are_not_charged_by_a_crash(
         f"imported, then failed as exhausted (name: completed imports): {exhausted}"
     )
     rtree.check_invariants(files)
+
+
+def test_a_crash_keeps_the_importer_log_of_jobs_waiting_for_the_archiver(
+    rtree: RelTree,
+) -> None:
+    """A command's output lives only in memory until its archive holds it: such a job is
+    not recorded `archiving` before the archiver takes it, so a crash while it waits
+    imports it again, and its archive still has its `importer.log`."""
+    rtree.configure(
+        [command_route(concurrency=8)],
+        min_free_bytes=0,
+        batch_max_files=1,  # one archive at a time: imported jobs queue behind it
+    )
+    files = {f"f-{i:02d}.bin".encode(): os.urandom(4 << 20) for i in range(10)}
+    for rel, content in files.items():
+        rtree.drop(rel, content)
+    crashed = rtree.run_once(env=rtree.env(FILEDOCK_TEST_CRASH_AT="mid_archive:3"))
+    assert crashed.returncode == -9
+    assert rtree.run_once().returncode == 0
+    archived = rtree.archived()
+    missing = sorted(
+        name for name, folder in archived.items() if not (folder / "importer.log").exists()
+    )
+    assert len(archived) == len(files) and not missing, f"no importer.log: {missing}"
+    rtree.check_invariants(files)
