@@ -1,4 +1,4 @@
-"""filedock benchmark: the floor, the peer and filedock, in one run (issue 8).
+"""filedock benchmark: the floors, the peer and filedock, in one run (issue 8).
 
     .venv/bin/python bench/run.py            # everything, median of 3 runs (about 45 min)
     .venv/bin/python bench/run.py --quick    # CI smoke: 1 run, small sizes, < 2 min
