@@ -467,21 +467,20 @@ class Pipeline:
     async def _process(self, lane: _Lane, jobs: list[JobRecord]) -> None:
         """Check each job, then import those that pass: a suspect of a crash alone,
         the others together. A failure of the ledger (or a bug) defers the job it hit."""
-        ready: list[JobRecord] = []
+        suspects: list[JobRecord] = []
+        plain: list[JobRecord] = []
         for job in jobs:
             try:
                 if await self._prepare(lane.route, job):
-                    ready.append(job)
+                    (suspects if _suspect(job) else plain).append(job)
             except Exception as e:
                 self._defer(job, e)
         # After a crash of the service, each job it interrupted imports alone (no other
         # import runs meanwhile): if it is the one that kills the service, the next
         # recovery finds it the only one importing, and only it pays for it.
-        plain = [job for job in ready if not _suspect(job)]
-        for job in ready:
-            if _suspect(job):
-                async with self._gate.enter(exclusive=True):
-                    await self._run_attempts(lane, [job], isolated=True)
+        for job in suspects:
+            async with self._gate.enter(exclusive=True):
+                await self._run_attempts(lane, [job], isolated=True)
         if plain:
             async with self._gate.enter(exclusive=False):
                 await self._run_attempts(lane, plain, isolated=False)
@@ -763,9 +762,10 @@ class Pipeline:
         suspect of a crash must not look `importing` once the next suspect starts.
         Should the write fail, the archiver tries it before the build.
         """
-        now = [i for i in items if record_all or _rebuildable(i.result)]
         try:
-            await shielded(self._record_archiving(now))
+            await shielded(
+                self._record_archiving([i for i in items if record_all or _rebuildable(i.result)])
+            )
         except Exception as e:
             self.metrics.ledger_errors.inc()
             log.error(

@@ -7,6 +7,7 @@ its thread, once abandoned, starting any other job again.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from service.importers.python import PythonImporter
 from service.settings import PythonImporterSettings
 
 CALLS: list[str] = []  # job ids, in the order the callable was entered
-WOKE = threading.Event()  # the hung import has returned
+HUNG: list[int] = []  # the thread that ran the hung import
 
 
 def behave(job: ImportJob) -> dict[str, str]:
@@ -29,8 +30,8 @@ def behave(job: ImportJob) -> dict[str, str]:
     CALLS.append(job.id)
     word = job.path.read_bytes().split(b"\n", 1)[0]
     if word == b"HANG":
+        HUNG.append(threading.get_ident())
         time.sleep(1.5)
-        WOKE.set()
     elif word == b"REJECT":
         raise Reject("the file asked to be rejected")
     elif word == b"RAISE":
@@ -41,7 +42,7 @@ def behave(job: ImportJob) -> dict[str, str]:
 @pytest.fixture
 def importer() -> PythonImporter:
     CALLS.clear()
-    WOKE.clear()
+    HUNG.clear()
     settings = PythonImporterSettings(kind="python", callable="test_python_importer:behave")
     return PythonImporter(settings, limiter=anyio.CapacityLimiter(4))
 
@@ -102,7 +103,18 @@ async def test_a_hung_import_is_charged_alone_and_no_job_runs_twice(
         "job-4",
     ]
     assert took < 1.5, "the jobs after the hung one waited for it to return"
-    # The abandoned thread returns later: it must not start job-3 or job-4 again.
-    wait_for(WOKE.is_set, timeout=10, what="the hung import to return")
-    await anyio.sleep(0.1)  # a window for a wrong second run to show: an absence can't be awaited
+    # The abandoned thread returns later: it must not start job-3 or job-4 again, and
+    # once it has left its group call, it no longer can.
+    (hung,) = HUNG
+    wait_for(lambda: not _in_group_call(hung), timeout=10, what="the hung thread to return")
     assert sorted(CALLS) == [j.id for j in group], f"calls: {CALLS}"
+
+
+def _in_group_call(thread: int) -> bool:
+    """The thread is still inside a group call (`_GroupCall.__call__`) of the importer."""
+    frame = sys._current_frames().get(thread)
+    while frame is not None:
+        if frame.f_code.co_qualname == "_GroupCall.__call__":
+            return True
+        frame = frame.f_back
+    return False
