@@ -159,10 +159,9 @@ def _write(proc_root: Path, failed_root: Path, entries: list[Entry]) -> list[Wri
     done_before: set[str] = set()
     for entry in entries:
         job = entry.job
-        final = Path(job.archive_path or "")
-        if (final / "manifest.json").exists():  # published by an earlier try
+        if os.path.exists(f"{job.archive_path}/manifest.json"):  # published by an earlier try
             try:
-                arch.check_published(final, job, barrier)
+                arch.check_published(Path(job.archive_path or ""), job, barrier)
                 done_before.add(job.id)
                 errors.append(None)
             except Exception as e:
@@ -174,7 +173,7 @@ def _write(proc_root: Path, failed_root: Path, entries: list[Entry]) -> list[Wri
             arch.build_archive(
                 job,
                 proc_dir=proc_root / job.id,
-                final_dir=final,
+                final_dir=Path(job.archive_path or ""),
                 outcome=entry.outcome,
                 importer=result.detail if result else {},
                 log=result.log if result else None,

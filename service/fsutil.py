@@ -37,7 +37,7 @@ libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 _syncfs = getattr(libc, "syncfs", None)
 
 
-def fsync_dir(path: Path | bytes) -> None:
+def fsync_dir(path: str | bytes | os.PathLike[str]) -> None:
     """Make a directory's entries (creations, renames, removals) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -46,7 +46,7 @@ def fsync_dir(path: Path | bytes) -> None:
         os.close(fd)
 
 
-def fsync_path(path: Path | bytes) -> None:
+def fsync_path(path: str | bytes | os.PathLike[str]) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     try:
         os.fsync(fd)
@@ -54,7 +54,7 @@ def fsync_path(path: Path | bytes) -> None:
         os.close(fd)
 
 
-def syncfs(path: Path | bytes) -> None:
+def syncfs(path: str | bytes | os.PathLike[str]) -> None:
     """Flush every dirty page and inode of the filesystem holding `path` (one barrier).
 
     Falls back to `sync()` where the C library has no `syncfs`.
@@ -80,22 +80,22 @@ class Barrier:
     """
 
     def __init__(self, *, use_syncfs: bool = True) -> None:
-        self._files: list[Path] = []
-        self._dirs: set[Path] = set()
+        self._files: list[str | bytes] = []
+        self._dirs: set[str | bytes] = set()
         self._use_syncfs = use_syncfs and _syncfs is not None
 
-    def file(self, path: Path) -> None:
-        self._files.append(path)
+    def file(self, path: str | bytes | os.PathLike[str]) -> None:
+        self._files.append(os.fspath(path))
 
-    def dir(self, path: Path) -> None:
-        self._dirs.add(path)
+    def dir(self, path: str | bytes | os.PathLike[str]) -> None:
+        self._dirs.add(os.fspath(path))
 
     def flush(self) -> None:
         if not self._files and not self._dirs:
             return
         if self._use_syncfs:
             seen: set[int] = set()
-            for d in self._dirs | {f.parent for f in self._files}:
+            for d in self._dirs | {os.path.dirname(f) for f in self._files}:
                 dev = os.stat(d).st_dev
                 if dev not in seen:
                     seen.add(dev)

@@ -43,6 +43,8 @@ def display_name(name: bytes | str) -> str:
     'a\\nb\\xff.csv'
     """
     text = name.decode("utf-8", "backslashreplace") if isinstance(name, bytes) else name
+    if text.isprintable():  # the usual name: nothing to escape
+        return text
     out = []
     for ch in text:
         if ch == "\\":
@@ -97,5 +99,4 @@ def rfc3339(ts: float | None) -> str | None:
     """RFC 3339 UTC with milliseconds, or None."""
     if ts is None:
         return None
-    stamp = datetime.fromtimestamp(ts, UTC)
-    return stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond // 1000:03d}Z"
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"

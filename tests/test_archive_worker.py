@@ -117,7 +117,8 @@ def test_ctrl_c_to_the_process_group_still_drains_cleanly(tree: FiledockTree) ->
 
 def test_importer_facts_json_cannot_hold_are_archived_as_text(tree: FiledockTree) -> None:
     """A python importer's `Decimal` or `datetime` reaches the manifest as its `str()`;
-    it used to stop the job short of its archive (retried forever)."""
+    it used to stop the job short of its archive (retried forever). What orjson refuses
+    (a 70-bit integer, a lone surrogate) is written by the standard encoder."""
     tree.configure([python_route("odd_detail")])
     tree.drop("order.csv", b"id\n1\n")
     result = tree.run_once()
@@ -126,6 +127,9 @@ def test_importer_facts_json_cannot_hold_are_archived_as_text(tree: FiledockTree
     importer = json.loads((folder / "manifest.json").read_text())["importer"]
     assert importer["amount"] == "1.50"
     assert importer["loaded_at"] == "2026-11-24 00:00:00+00:00"
+    assert importer["checksum"] == 2**70
+    assert importer["label"] == "r\udce9sum\udce9"
+    assert importer["city"] == "Zürich"
     tree.check_invariants({b"order.csv": b"id\n1\n"})
 
 

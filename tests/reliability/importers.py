@@ -54,8 +54,15 @@ def quick(job: ImportJob) -> Result:
 
 
 def odd_detail(job: ImportJob) -> dict[str, Any]:
-    """Facts that JSON cannot hold, as an importer may well return them."""
-    return {"amount": Decimal("1.50"), "loaded_at": datetime(2026, 11, 24, tzinfo=UTC)}
+    """Facts that JSON cannot hold, or the fast encoder of manifests refuses, as an
+    importer may well return them."""
+    return {
+        "amount": Decimal("1.50"),
+        "loaded_at": datetime(2026, 11, 24, tzinfo=UTC),
+        "checksum": 2**70,  # beyond 64 bits
+        "label": os.fsdecode(b"r\xe9sum\xe9"),  # a lone surrogate
+        "city": "Zürich",
+    }
 
 
 def kill_service(job: ImportJob) -> Result:
