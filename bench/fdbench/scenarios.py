@@ -97,6 +97,7 @@ class Ctx:
                 "--rate",
                 "200",
                 "--threads",
+                "--subprocesses",
                 "--nonblocking",
                 "--format",
                 "raw",
