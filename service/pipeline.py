@@ -6,9 +6,11 @@ Stages, each a task in the app's task group, joined by bounded streams:
                                             ▲                 │
                          retry scheduler ───┘   (waiting) ◄───┘
 
-Claims and archives are done in batches (up to `batch_max_files`, or what
-arrives within `batch_max_delay_ms`) so that a batch shares one durability
-barrier and one ledger commit; a lone file is not held back waiting for company.
+Claims and archives are done in batches so that a batch shares one durability
+barrier and one ledger commit: a claim batch is what arrives within
+`batch_max_delay_ms` (up to `batch_max_files`); an archive batch is what waits for
+the archiver, which never waits for more, as the next batch gathers while it
+builds one.
 The archiver's file work runs in a worker process (`archive_writer.py`); the
 ledger writes and their order stay here. Imports run under the route's limiter
 inside the global one. Ledger writes and file moves are shielded from
@@ -102,6 +104,7 @@ class _ToArchive:
     tries: int = 0
     done_at: float = 0.0  # when the ledger recorded it `done`
     recorded: bool = False  # the ledger holds it `archiving`; else the archiver writes that
+    reported: bool = False  # its metrics and `archived` line are out
 
 
 class _Gate:
@@ -401,7 +404,8 @@ class Pipeline:
         async with lane.receive:
             async for job in lane.receive:
                 if lane.grouped is not None:
-                    await self._work(lane, self._take_group(lane, job))
+                    limit = _GROUP_MAX if lane.quick else 1
+                    await self._work(lane, _take_waiting(lane.receive, job, limit))
                     continue
                 before, mine = self._order_wait.pop(job.id, (None, None))
                 try:
@@ -412,18 +416,6 @@ class Pipeline:
                     if mine is not None:
                         mine.set()
                         self._forget_tail(mine)
-
-    @staticmethod
-    def _take_group(lane: _Lane, first: JobRecord) -> list[JobRecord]:
-        """`first` and, while imports are quick, the jobs already waiting behind it (none
-        is waited for)."""
-        jobs = [first]
-        while lane.quick and len(jobs) < _GROUP_MAX:
-            try:
-                jobs.append(lane.receive.receive_nowait())
-            except (anyio.WouldBlock, anyio.EndOfStream):
-                break
-        return jobs
 
     async def _work(self, lane: _Lane, jobs: list[JobRecord]) -> None:
         while True:
@@ -778,8 +770,10 @@ class Pipeline:
                 await item.done.wait()  # the next file of an ordered lane waits for this one
 
     async def _archiver(self) -> None:
-        """One batch at a time. A batch's sources leave proc/ (once it is recorded
-        `done`) while the worker builds the next batch, or at once if none is waiting."""
+        """One batch at a time: what is waiting, never waiting for more (while one batch
+        is built, the next one gathers). A batch's sources leave proc/ (once it is
+        recorded `done`) while the worker builds the next batch, or at once if none is
+        waiting."""
         archived: list[_ToArchive] = []  # recorded `done`, their sources still in proc/
         async with self._archive_receive:
             while True:
@@ -795,7 +789,7 @@ class Pipeline:
                 except anyio.EndOfStream:
                     await shielded(self._remove_sources(archived))
                     return
-                batch = await self._gather(self._archive_receive, first)
+                batch = _take_waiting(self._archive_receive, first, self.settings.batch_max_files)
                 archived = await shielded(self._archive_batch(batch, archived))
 
     async def _archive_batch(
@@ -819,7 +813,7 @@ class Pipeline:
             remove=[i.job.id for i in archived],
         )
         for item in archived:
-            self._finished(item)
+            self._signal(item)
         errors = [w.error for w in written]
         for item, w in zip(batch, written, strict=True):
             if w.failed_path is not None:
@@ -838,6 +832,9 @@ class Pipeline:
                 await self._archive_failed(item, e)
             published = []
         crash_point("after_ledger_done")
+        if published:  # its log lines and metrics, beside the next batch's build
+            assert self._tg is not None
+            self._tg.start_soon(self._report, published)
         for item, err in zip(batch, errors, strict=True):
             if err is not None:
                 await self._archive_failed(item, err)
@@ -853,7 +850,7 @@ class Pipeline:
         if archived:
             await self.writer.remove([i.job.id for i in archived])
             for item in archived:
-                self._finished(item)
+                self._signal(item)
 
     async def _archive_failed(self, item: _ToArchive, err: BaseException) -> None:
         job = item.job
@@ -884,7 +881,15 @@ class Pipeline:
         await anyio.sleep(delay)
         await self._archive_send.send(item)
 
-    def _finished(self, item: _ToArchive) -> None:
+    async def _report(self, items: list[_ToArchive]) -> None:
+        for item in items:
+            self._reported(item)
+
+    def _reported(self, item: _ToArchive) -> None:
+        """A job recorded `done`: its metrics and its `archived` line, once."""
+        if item.reported:
+            return
+        item.reported = True
         job, now = item.job, item.done_at
         m = self.metrics
         m.jobs.labels(job.route, item.outcome).inc()
@@ -908,9 +913,11 @@ class Pipeline:
                 attempts=job.attempts,
             ),
         )
-        self._signal(item)
 
     def _signal(self, item: _ToArchive) -> None:
+        """The job has left proc/ (or failed/ holds it): its lane and `wait_idle` may go on."""
+        if item.job.state == "done":
+            self._reported(item)  # should its report not have run yet
         item.done.set()
         self._release(item.job)
 
@@ -1034,3 +1041,14 @@ def _ts(t: float) -> str:
     from service.names import rfc3339
 
     return rfc3339(t) or ""
+
+
+def _take_waiting(receive: MemoryObjectReceiveStream[T], first: T, limit: int) -> list[T]:
+    """`first` and what is already waiting behind it, up to `limit` (none is waited for)."""
+    items = [first]
+    while len(items) < limit:
+        try:
+            items.append(receive.receive_nowait())
+        except (anyio.WouldBlock, anyio.EndOfStream):
+            break
+    return items
