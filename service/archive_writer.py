@@ -159,9 +159,10 @@ def _write(proc_root: Path, failed_root: Path, entries: list[Entry]) -> list[Wri
     done_before: set[str] = set()
     for entry in entries:
         job = entry.job
-        if os.path.exists(f"{job.archive_path}/manifest.json"):  # published by an earlier try
+        final = Path(job.archive_path or "")
+        if os.path.exists(f"{final}/manifest.json"):  # published by an earlier try
             try:
-                arch.check_published(Path(job.archive_path or ""), job, barrier)
+                arch.check_published(final, job, barrier)
                 done_before.add(job.id)
                 errors.append(None)
             except Exception as e:
@@ -173,9 +174,9 @@ def _write(proc_root: Path, failed_root: Path, entries: list[Entry]) -> list[Wri
             arch.build_archive(
                 job,
                 proc_dir=proc_root / job.id,
-                final_dir=Path(job.archive_path or ""),
+                final_dir=final,
                 outcome=entry.outcome,
-                importer=result.detail if result else {},
+                importer=result.detail if result else job.import_facts(),
                 log=result.log if result else None,
                 skip_outputs={pending.name} if pending else set(),
                 barrier=barrier,

@@ -20,6 +20,7 @@ cancellation: a shutdown never leaves a half-written transition.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -59,7 +60,7 @@ from service.importers import (
 from service.ledger import JobRecord, Ledger
 from service.logs import job_fields
 from service.metrics import Metrics
-from service.names import new_job_id
+from service.names import new_job_id, rfc3339
 from service.settings import CommandImporterSettings, Route, Settings
 from service.watcher import Candidate, Intake
 
@@ -73,6 +74,7 @@ _DONE = ("outcome", "archive_path", "failed_path")
 _ARCHIVED = (*_ARCHIVING, "failed_path")  # `done` for a job never recorded `archiving`
 _GROUP_MAX = 16  # jobs a worker takes at once from a grouped lane
 _QUICK_S = 0.005  # imports this quick are grouped: a thread hand-off costs ~0.1 ms
+_FACTS_KEPT = 4096  # bytes of JSON: an importer's facts up to this size go in its attempt
 
 
 @dataclass
@@ -654,6 +656,9 @@ class Pipeline:
         job.history[-1]["elapsed_s"] = round(outcome.elapsed_s, 4)
         if error is None and outcome.result is not None:
             job.history[-1]["result"] = "ok"
+            facts = outcome.result.detail
+            if facts and len(json.dumps(facts)) <= _FACTS_KEPT:
+                job.history[-1]["detail"] = facts  # the manifest's `importer`, after a crash
             return outcome.result
         return None
 
@@ -896,7 +901,7 @@ class Pipeline:
         m.bytes.labels(job.route).inc(job.size or 0)
         m.last_success.labels(job.route).set(now)
         m.end_to_end.labels(job.route).observe(max(0.0, now - job.detected_at))
-        detail = item.result.detail if item.result else {}
+        detail = item.result.detail if item.result else job.import_facts()
         for key, label in (("rows_imported", "imported"), ("rows_failed", "failed")):
             if isinstance(detail.get(key), int):
                 m.rows.labels(job.route, label).inc(detail[key])
@@ -1038,8 +1043,6 @@ def _timeout(route: Route) -> float:
 
 
 def _ts(t: float) -> str:
-    from service.names import rfc3339
-
     return rfc3339(t) or ""
 
 

@@ -95,6 +95,14 @@ class JobRecord:
             "history": self.history,
         }
 
+    def import_facts(self) -> dict[str, Any]:
+        """What the importer returned for the attempt that succeeded, as the ledger keeps
+        it (`detail` of that attempt; none when it was too large to keep)."""
+        for attempt in reversed(self.history):
+            if attempt.get("result") == "ok":
+                return dict(attempt.get("detail") or {})
+        return {}
+
 
 COLUMNS: Final = tuple(f.name for f in dataclasses.fields(JobRecord))
 UPDATABLE: Final = frozenset(COLUMNS) - {"id"}

@@ -173,6 +173,13 @@ def test_imported_jobs_waiting_for_the_archiver_are_not_charged_by_a_crash(
     assert not exhausted, (
         f"imported, then failed as exhausted (name: completed imports): {exhausted}"
     )
+    # A job archived after a crash still carries in its manifest what its import returned.
+    without_facts = sorted(
+        job_id
+        for job_id, folder in rtree.archived().items()
+        if json.loads((folder / "manifest.json").read_text())["importer"].get("bytes") != 1 << 20
+    )
+    assert not without_facts, f"archived without the importer's facts: {without_facts}"
     rtree.check_invariants(files)
 
 
