@@ -322,18 +322,15 @@ class Pipeline:
     async def _gather(self, receive: MemoryObjectReceiveStream[T], first: T) -> list[T]:
         """`first` and what else arrives within the batch delay, up to a batch: what
         waits is taken at once, and only an empty queue is waited on."""
-        batch = [first]
+        limit = self.settings.batch_max_files
+        batch = _take_waiting(receive, first, limit)
         with anyio.move_on_after(self.settings.batch_max_delay_ms / 1000):
-            while len(batch) < self.settings.batch_max_files:
+            while len(batch) < limit:
                 try:
-                    batch.append(receive.receive_nowait())
-                except anyio.WouldBlock:
-                    try:
-                        batch.append(await receive.receive())
-                    except anyio.EndOfStream:
-                        break
+                    more = await receive.receive()
                 except anyio.EndOfStream:
                     break
+                batch += _take_waiting(receive, more, limit - len(batch))
         return batch
 
     async def _claim(self, route: Route, batch: list[Candidate]) -> list[JobRecord]:
