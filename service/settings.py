@@ -298,7 +298,7 @@ class Settings(BaseSettings):
     debounce_ms: int = Field(default=50, ge=1)
     max_concurrency: int = Field(default=8, ge=1)
     queue_size: int = Field(default=256, ge=1)
-    batch_max_files: int = Field(default=64, ge=1)
+    batch_max_files: int = Field(default=256, ge=1)
     batch_max_delay_ms: float = Field(default=5.0, ge=0)
     shutdown_grace_s: float = Field(default=25.0, ge=0)
     min_free_bytes: int = Field(default=64 << 20, ge=0)

@@ -23,6 +23,9 @@ import yaml
 from fdbench.common import BenchError, cpu_seconds, free_port, mem_kib, wait_until
 from service.fsutil import syncfs  # the barrier filedock's own group commit uses
 from service.ledger.sqlite import _SCHEMA as LEDGER_SCHEMA  # filedock's own tables
+from service.settings import Settings
+
+BATCH: int = Settings.model_fields["batch_max_files"].default  # filedock's group commit
 
 BENCH_DIR = Path(__file__).resolve().parents[1]
 
@@ -74,7 +77,7 @@ def _write_new(path: bytes, data: bytes) -> None:
 
 
 def run_layout_floor(
-    transfer: Path, proc: Path, archive_day: Path, *, batch: int = 64
+    transfer: Path, proc: Path, archive_day: Path, *, batch: int = BATCH
 ) -> dict[str, Any]:
     """The file-system work filedock's layout asks for, with its group commit.
 
@@ -82,8 +85,9 @@ def run_layout_floor(
     file into it, read it, `mkdir <id>.tmp` in the archive day folder, gzip into it,
     write a small `manifest.json`, rename the folder to `<id>`, unlink the source and
     rmdir its folder: four new inodes where the floor makes one. Made durable as
-    filedock does (PERF-NOTES' group commit): per batch of 64, one `syncfs()` after the
-    claims, one after the builds, one after the renames. No watcher, no ledger, no
+    filedock does (PERF-NOTES' group commit): per batch of filedock's default
+    `batch_max_files`, one `syncfs()` after the claims, one after the builds, one after
+    the renames. No watcher, no ledger, no
     checks: the file work alone, which filedock cannot beat.
     """
     archive_day.mkdir(parents=True, exist_ok=True)
@@ -118,19 +122,19 @@ def run_layout_floor(
 
 
 def run_work_floor(
-    transfer: Path, proc: Path, archive_day: Path, ledger: Path, *, batch: int = 64
+    transfer: Path, proc: Path, archive_day: Path, ledger: Path, *, batch: int = BATCH
 ) -> dict[str, Any]:
     """Everything filedock must do for a file, as one plain loop: the layout floor's
     file work, plus the checks and the ledger the design asks for.
 
-    Per batch of 64, as filedock does it: the jobs' rows inserted and the WAL fsynced
-    before the claims (the row first); each claimed file read and hashed (its SHA-256);
-    `importing` recorded; the no-op import (one read); `archiving` recorded; each source
-    read again and checked against its hash, gzipped, the copy expanded and checked, and
-    written with its manifest; the renames; `done` recorded; the sources removed. The
-    ledger is SQLite in WAL mode, `synchronous=NORMAL`, filedock's schema. No watcher,
-    no event loop, no worker process, no log: what a service keeping these promises
-    cannot do with less.
+    Per batch of filedock's default `batch_max_files`, as filedock does it: the jobs'
+    rows inserted and the WAL fsynced before the claims (the row first); each claimed
+    file read and hashed (its SHA-256); `importing` recorded; the no-op import (one
+    read); `archiving` recorded; each source read again and checked against its hash,
+    gzipped, the copy expanded and checked, and written with its manifest; the renames;
+    `done` recorded; the sources removed. The ledger is SQLite in WAL mode,
+    `synchronous=NORMAL`, filedock's schema. No watcher, no event loop, no worker
+    process, no log: what a service keeping these promises cannot do with less.
     """
     archive_day.mkdir(parents=True, exist_ok=True)
     proc.mkdir(parents=True, exist_ok=True)
