@@ -87,8 +87,8 @@ def run_layout_floor(
     rmdir its folder: four new inodes where the floor makes one. Made durable as
     filedock does (PERF-NOTES' group commit): per batch of filedock's default
     `batch_max_files`, one `syncfs()` after the claims, one after the builds, one after
-    the renames. No watcher, no ledger, no
-    checks: the file work alone, which filedock cannot beat.
+    the renames. No watcher, no ledger, no checks: the file work alone, which filedock
+    cannot beat.
     """
     archive_day.mkdir(parents=True, exist_ok=True)
     proc.mkdir(parents=True, exist_ok=True)
