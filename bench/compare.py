@@ -4,8 +4,9 @@
         --variant after=/tmp/fd-exp --scenario burst --files 10000 --runs 3
 
 Each run goes through every variant in turn (and the three floors, for bursts), so a noisy
-neighbour hurts them alike. `--set key=value` adds to the filedock configuration
-(YAML values: `--set debounce_ms=5`, `--set watch_mode=scan`). Results go to
+neighbour hurts them alike. A variant's `,key=value` adds to its filedock configuration
+(YAML values: `name=DIR,debounce_ms=5,watch_mode=scan`), and `,python=PATH` runs it with
+another interpreter (one whose environment has filedock's dependencies). Results go to
 bench/results/compare-<stamp>.json; the table goes to stdout.
 """
 
@@ -32,17 +33,21 @@ from fdbench.report import fmt
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _variant(text: str) -> tuple[str, Path, dict[str, Any]]:
-    """`name=DIR[,key=value...]`: a checkout and its configuration overrides."""
+def _variant(text: str) -> tuple[str, Path, str | None, dict[str, Any]]:
+    """`name=DIR[,python=PATH][,key=value...]`: a checkout, the interpreter to run it
+    with (by default the repository's venv), and its configuration overrides."""
     name, _, rest = text.partition("=")
     path, *sets = rest.split(",")
     extra = {k: yaml.safe_load(v) for k, _, v in (s.partition("=") for s in sets)}
-    return name, Path(path).resolve(), extra
+    python = extra.pop("python", None)
+    return name, Path(path).resolve(), None if python is None else str(python), extra
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--variant", action="append", required=True, help="name=DIR[,key=val...]")
+    ap.add_argument(
+        "--variant", action="append", required=True, help="name=DIR[,python=PATH][,key=val...]"
+    )
     ap.add_argument("--scenario", choices=("burst", "sustained", "backlog"), default="burst")
     ap.add_argument("--files", type=int, default=10_000)
     ap.add_argument("--rate", type=float, default=200.0, help="sustained: files/s")
@@ -55,10 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     variants = [_variant(v) for v in args.variant]
     base = Path(tempfile.mkdtemp(prefix="fd-compare-", dir=args.workdir))
+    venv_python = str(REPO / ".venv" / "bin" / "python")
     ctx = scenarios.Ctx(
         base=base,
         service_dir=REPO,
-        python=str(REPO / ".venv" / "bin" / "python"),
+        python=venv_python,
         quick=False,
         runs=args.runs,
         burst_files=args.files,
@@ -73,14 +79,14 @@ def main(argv: list[str] | None = None) -> int:
         peer_big=False,
         log=lambda m: print(m, flush=True),
     )
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in variants}
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _, _ in variants}
     floors = scenarios.FLOORS if args.floor else ()
     for floor in floors:
         runs[floor] = []
     try:
         for r in range(args.runs):
-            for name, path, extra in variants:
-                ctx.service_dir = path
+            for name, path, python, extra in variants:
+                ctx.service_dir, ctx.python = path, python or venv_python
                 res = _one(ctx, args, r, name, extra)
                 runs[name].append(res)
                 print(f"  run {r + 1}/{args.runs} {name}: {_brief(res)}", flush=True)
@@ -93,7 +99,11 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(base, ignore_errors=True)
     args.results.mkdir(parents=True, exist_ok=True)
     out = args.results / f"compare-{time.strftime('%Y%m%dT%H%M%S')}.json"
-    doc = {"argv": sys.argv, "variants": [(n, str(p), e) for n, p, e in variants], "runs": runs}
+    doc = {
+        "argv": sys.argv,
+        "variants": [(n, str(p), py, e) for n, p, py, e in variants],
+        "runs": runs,
+    }
     out.write_text(json.dumps(doc, indent=2, default=str) + "\n")
     print(_table(runs))
     print(f"\nresults: {out}")
