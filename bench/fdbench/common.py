@@ -95,7 +95,7 @@ def cpu_seconds(pid: int) -> float:
         try:
             with open(f"/proc/{p}/stat", "rb") as f:
                 fields = f.read().rsplit(b")", 1)[1].split()
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):
             continue
         # after the comm field: state is fields[0]; utime, stime, cutime, cstime are
         # stat fields 14 to 17
@@ -123,7 +123,7 @@ def mem_kib(pid: int) -> dict[str, int]:
                 for line in f:
                     if line.startswith("Pss:"):
                         out["Pss"] += int(line.split()[1])
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):  # it ended meanwhile
             continue
     return out
 
