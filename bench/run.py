@@ -106,6 +106,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--py-spy", type=Path, default=None, help="record a py-spy profile per run")
     ap.add_argument("--results", type=Path, default=REPO / "bench" / "results")
     ap.add_argument("--label", default="", help="added to the results file name")
+    ap.add_argument(
+        "--no-settle",
+        action="store_true",
+        help="do not sync and drop the machine's caches before each contender (as root it\n"
+        'does by default: see docs/benchmarks.md, "The machine"); for a smoke run beside\n'
+        "other work, whose figures are not compared",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the work dir")
     ap.add_argument("--table", type=Path, default=None, help="print the table of a results file")
     return ap.parse_args(argv)
@@ -202,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         peer_sustained=not args.quick and not args.no_peer_sustained,
         peer_big=not args.quick and not args.no_peer_big,
         py_spy=args.py_spy,
+        settle=not args.no_settle,
         contenders=tuple(c.strip() for c in args.contenders.split(",") if c.strip()),
         log=lambda m: print(m, flush=True),
         **sizes,
@@ -226,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     results["elapsed_s"] = time.monotonic() - t_all
     results["machine"]["loadavg_at_end"] = os.getloadavg()
     results["machine"]["caches_dropped_between_runs"] = ctx.caches_dropped
+    results["machine"]["settled_between_runs"] = ctx.settle
     results["lost_files"] = ctx.lost_files
     args.results.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%S")

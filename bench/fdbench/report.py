@@ -196,7 +196,9 @@ def table(results: dict[str, Any]) -> str:
     head = (
         f"Median of {n} runs (min-max)" if n > 1 else "One run (--quick: indicative only)"
     ) + "\n\n"
-    if results["machine"].get("caches_dropped_between_runs") is False:
+    if results["machine"].get("settled_between_runs") is False:
+        head += "(--no-settle: the file system was not settled between runs)\n\n"
+    elif results["machine"].get("caches_dropped_between_runs") is False:
         head += "(not root: caches were not dropped between runs; see docs/benchmarks.md)\n\n"
     lines = [
         "| scenario | measure | floor | peer (inotifywait+bash) | filedock |",

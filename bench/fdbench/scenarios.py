@@ -54,6 +54,7 @@ class Ctx:
     peer_big: bool
     contenders: tuple[str, ...] = ("floor", "layout", "work", "peer", "filedock")
     py_spy: Path | None = None
+    settle: bool = True  # `settle_fs` before each contender
     log: Callable[[str], None] = print
     lost_files: int = 0
     caches_dropped: bool | None = None  # what the last `settle_fs` could do
@@ -65,7 +66,7 @@ class Ctx:
         work = self.base / name
         if work.exists():
             shutil.rmtree(work)
-        if settle:
+        if settle and self.settle:
             self.caches_dropped = settle_fs()
         work.mkdir(parents=True)
         return work
