@@ -22,8 +22,9 @@ import anyio
 from anyio.abc import TaskGroup
 
 from service.errors import StartupError
-from service.fsutil import libc, probe_same_filesystem
+from service.fsutil import filesystem_type, is_network_filesystem, libc, probe_same_filesystem
 from service.http import Health, build_http_app, serve_http
+from service.intake import Intake
 from service.ledger import JobRecord, Ledger, ledger_for_url
 from service.metrics import Metrics
 from service.pipeline import Pipeline
@@ -32,13 +33,7 @@ from service.reaper import Reaper
 from service.recovery import Recovery
 from service.routes import Router
 from service.settings import Settings
-from service.watcher import (
-    NETWORK_FILESYSTEMS,
-    Discovery,
-    Intake,
-    detect_watch_mode,
-    filesystem_type,
-)
+from service.watcher import Discovery, detect_watch_mode
 
 __all__ = ["App"]
 
@@ -97,7 +92,7 @@ class App:
         if url.startswith("sqlite:///"):
             db = Path(url.removeprefix("sqlite:///"))
             fstype = filesystem_type(db.parent)
-            if fstype in NETWORK_FILESYSTEMS or fstype.startswith("fuse"):
+            if is_network_filesystem(fstype):
                 raise StartupError(
                     f"the SQLite ledger is on a network filesystem ({fstype}): SQLite's locking "
                     "does not work there. Use a PostgreSQL ledger (ledger_url: postgresql://...)"

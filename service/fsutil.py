@@ -229,3 +229,32 @@ def tree_entries(root: Path) -> Iterable[os.DirEntry[str]]:
                 yield entry
                 if entry.is_dir(follow_symlinks=False):
                     stack.append(Path(entry.path))
+
+
+NETWORK_FILESYSTEMS = frozenset(
+    {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "ceph", "glusterfs", "lustre", "gpfs", "afs"}
+)
+
+
+def is_network_filesystem(fstype: str) -> bool:
+    """Shared with other nodes (or FUSE): no inotify for their writes, no SQLite locks."""
+    return fstype in NETWORK_FILESYSTEMS or fstype.startswith("fuse")
+
+
+def filesystem_type(path: Path, *, mounts: str = "/proc/self/mounts") -> str:
+    """The type of the mount holding `path`, from the mount table ("" when unknown)."""
+    target = os.path.realpath(path)
+    best, best_type = "", ""
+    try:
+        with open(mounts, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) < 3:
+                    continue
+                mount = parts[1].replace("\\040", " ")
+                inside = target == mount or target.startswith(mount.rstrip("/") + "/")
+                if inside and len(mount) >= len(best):
+                    best, best_type = mount, parts[2]
+    except OSError:
+        return ""
+    return best_type

@@ -58,12 +58,12 @@ from service.importers import (
     build_importer,
     group_importer,
 )
+from service.intake import Candidate, Intake
 from service.ledger import JobRecord, Ledger
 from service.logs import job_fields
 from service.metrics import Metrics
 from service.names import new_job_id, rfc3339
 from service.settings import CommandImporterSettings, Route, Settings
-from service.watcher import Candidate, Intake
 
 __all__ = ["Pipeline"]
 

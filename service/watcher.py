@@ -23,27 +23,24 @@ from typing import Literal
 import anyio
 import anyio.lowlevel
 from anyio.abc import TaskStatus
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from service.fsutil import filesystem_type, is_network_filesystem
 from service.inotify import TreeWatch, WatchLimitReached, inotify_available
+from service.intake import Intake
 from service.logs import job_fields
 from service.metrics import Metrics
 from service.readiness import Readiness
 from service.routes import Router
 from service.settings import Route, Settings
 
-__all__ = ["Candidate", "Discovery", "Intake", "detect_watch_mode"]
+__all__ = ["Discovery", "detect_watch_mode"]
 
 log = logging.getLogger("filedock.watcher")
 
-NETWORK_FILESYSTEMS = frozenset(
-    {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "ceph", "glusterfs", "lustre", "gpfs", "afs"}
-)
 _CHUNK = 1024
 # (kind, route, relative path, stat of a routed file)
 _Found = tuple[str, str | None, bytes, os.stat_result | None]
 _REPORT_CAP = 10_000  # unrouted/stalled names remembered to report each once
-_SEEN_CAP = 10_000  # names the watcher reported while their queue was full
 _CHECKPOINT_EVERY = 512  # watcher events handled between two yields to the loop
 
 
@@ -63,82 +60,6 @@ class _ScanTally:
         self.oldest = st.st_mtime if self.oldest is None else min(self.oldest, st.st_mtime)
 
 
-@dataclass(frozen=True)
-class Candidate:
-    rel: bytes
-    detected_at: float
-
-
-class Intake:
-    """A bounded queue of ready files per route; a file is queued at most once."""
-
-    def __init__(self, routes: list[str], size: int, metrics: Metrics) -> None:
-        self._send: dict[str, MemoryObjectSendStream[Candidate]] = {}
-        self.receive: dict[str, MemoryObjectReceiveStream[Candidate]] = {}
-        for name in routes:
-            self._send[name], self.receive[name] = anyio.create_memory_object_stream[Candidate](
-                size
-            )
-        self._queued: set[bytes] = set()
-        self._metrics = metrics
-        # Files the watcher reported while their queue was full: a scan queues them
-        # later and must not count them as missed by the watcher. Past the cap (or after
-        # an inotify overflow) names are not known, and files that appeared before
-        # `misses_unknown_before` are not judged.
-        self._reported: set[bytes] = set()
-        self.misses_unknown_before = 0.0
-
-    def __contains__(self, rel: bytes) -> bool:
-        return rel in self._queued
-
-    def offer_nowait(self, route: str, rel: bytes) -> bool:
-        """Queue a file if there is room (watcher hints); the next scan finds it otherwise."""
-        if rel in self._queued:
-            return True
-        try:
-            self._send[route].send_nowait(Candidate(rel, time.time()))
-        except anyio.WouldBlock:
-            return False
-        self._queued_new(route, rel)
-        return True
-
-    async def offer(self, route: str, rel: bytes) -> None:
-        """Queue a file, waiting for room (scans): this is the backpressure."""
-        if rel in self._queued:
-            return
-        await self._send[route].send(Candidate(rel, time.time()))
-        self._queued_new(route, rel)
-
-    def _queued_new(self, route: str, rel: bytes) -> None:
-        self._queued.add(rel)
-        self._metrics.files_detected.labels(route).inc()
-        self._metrics.queue_depth.set(len(self._queued))
-
-    def pending(self) -> int:
-        """Files queued and not yet claimed."""
-        return len(self._queued)
-
-    def seen_by_watcher(self, rel: bytes) -> None:
-        """The watcher reported a file that found its queue full."""
-        if len(self._reported) < _SEEN_CAP:
-            self._reported.add(rel)
-        else:
-            self.misses_unknown_before = time.time()
-
-    def was_seen_by_watcher(self, rel: bytes) -> bool:
-        return rel in self._reported
-
-    def release(self, rel: bytes) -> None:
-        """The file left the queue (claimed, or gone)."""
-        self._reported.discard(rel)
-        self._queued.discard(rel)
-        self._metrics.queue_depth.set(len(self._queued))
-
-    def close(self) -> None:
-        for stream in self._send.values():
-            stream.close()
-
-
 def detect_watch_mode(
     path: Path, configured: str, *, mounts: str = "/proc/self/mounts"
 ) -> Literal["events", "poll", "scan"]:
@@ -146,28 +67,9 @@ def detect_watch_mode(
     if configured != "auto":
         return configured  # type: ignore[return-value]
     fstype = filesystem_type(path, mounts=mounts)
-    if fstype in NETWORK_FILESYSTEMS or fstype.startswith("fuse"):
+    if is_network_filesystem(fstype):
         return "scan"
     return "events"
-
-
-def filesystem_type(path: Path, *, mounts: str = "/proc/self/mounts") -> str:
-    """The type of the mount holding `path`, from the mount table ("" when unknown)."""
-    target = os.path.realpath(path)
-    best, best_type = "", ""
-    try:
-        with open(mounts, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) < 3:
-                    continue
-                mount = parts[1].replace("\\040", " ")
-                inside = target == mount or target.startswith(mount.rstrip("/") + "/")
-                if inside and len(mount) >= len(best):
-                    best, best_type = mount, parts[2]
-    except OSError:
-        return ""
-    return best_type
 
 
 class Discovery:

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from conftest import FiledockTree
 
-from service.watcher import detect_watch_mode, filesystem_type
+from service.fsutil import filesystem_type
+from service.watcher import detect_watch_mode
 
 
 @pytest.mark.parametrize("mode", ["events", "poll", "scan"])
