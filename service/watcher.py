@@ -7,6 +7,14 @@ events and dies on a non-UTF-8 name (RELIABILITY.md). So a full scan runs at
 start, every `scan_interval_s`, after each watcher restart or overflow, and a
 subfolder is scanned when it appears. A scan walks the tree lazily and waits when
 a route's queue is full: a backlog stays on disk, and memory does not grow with it.
+
+A periodic scan does not list a folder again when listing it could not tell
+anything new: its last listing found only unrouted files and subfolders (nothing
+to queue, nothing whose readiness or stall depends on time), and the folder's
+inode, mtime and ctime are the ones stat saw before that listing. The kernel
+changes them with every entry created, renamed in or out, or removed, whatever
+the watcher saw; on network filesystems, where they may be stale, every scan lists.
+Scans after a watcher restart, an overflow or a dropped hint list everything.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -38,10 +46,15 @@ __all__ = ["Discovery", "detect_watch_mode"]
 log = logging.getLogger("filedock.watcher")
 
 _CHUNK = 1024
-# (kind, route, relative path, stat of a routed file)
+# (kind, route, relative path, stat of a routed file); kind "unchanged" names a folder
+# whose last listing holds (see `_Listing`)
 _Found = tuple[str, str | None, bytes, os.stat_result | None]
 _REPORT_CAP = 10_000  # unrouted/stalled names remembered to report each once
 _CHECKPOINT_EVERY = 512  # watcher events handled between two yields to the loop
+# A folder changed this recently may change again within the same tick of its
+# filesystem's clock (a jiffy; a second on ext4 with small inodes, two on FAT),
+# unseen by its mtime and ctime: its listing is not reused.
+_SETTLED_S = 2.0
 
 
 @dataclass
@@ -53,11 +66,21 @@ class _ScanTally:
     size: int = 0
     oldest: float | None = None
     flagged: set[bytes] = field(default_factory=set)  # unrouted or orphaned, seen this scan
+    unchanged: set[bytes] = field(default_factory=set)  # folders not listed again
 
     def add(self, st: os.stat_result) -> None:
         self.files += 1
         self.size += st.st_size
         self.oldest = st.st_mtime if self.oldest is None else min(self.oldest, st.st_mtime)
+
+
+@dataclass(frozen=True, slots=True)
+class _Listing:
+    """A folder's last listing, when it found only unrouted files and subfolders."""
+
+    key: tuple[int, int, int]  # the folder's (inode, mtime, ctime) before it was listed
+    subdirs: tuple[bytes, ...]
+    unrouted: int
 
 
 def detect_watch_mode(
@@ -96,12 +119,15 @@ class Discovery:
         self.stop = anyio.Event()
         self._scan_now = anyio.Event()
         self._want_full = True
+        self._thorough = True  # the next full scan lists every folder
         self._subdirs: set[bytes] = set()
         self._watcher_since: float | None = None
         self._tree: TreeWatch | None = None  # inotify, while the watcher runs on it
         self._watch_scope: anyio.CancelScope | None = None
         self._watch_error: Exception | None = None
         self._unrouted_reported: set[bytes] = set()
+        self._listings: dict[bytes, _Listing] = {}
+        self._reuse_listings = not is_network_filesystem(filesystem_type(self.transfer))
         self._ordered = {r.name for r in settings.routes if r.order != "none"}
         self.backlog_files = 0
         self.backlog_bytes = 0
@@ -125,8 +151,8 @@ class Discovery:
             self._scan_now = anyio.Event()
             subdirs, self._subdirs = self._subdirs, set()
             if self._want_full:
-                self._want_full = False
-                await self.scan()
+                thorough, self._want_full, self._thorough = self._thorough, False, False
+                await self.scan(periodic=not thorough)
             else:
                 for sub in subdirs:
                     await self.scan(sub)
@@ -143,15 +169,19 @@ class Discovery:
     def request_scan(self, subdir: bytes | None = None) -> None:
         """Ask for a scan soon: of one new subfolder, or (None) of everything."""
         if subdir is None:
-            self._want_full = True
+            self._want_full = self._thorough = True
         else:
             self._subdirs.add(subdir)
         self._scan_now.set()
 
-    async def scan(self, subdir: bytes | None = None) -> None:
-        """Walk `transfer/` (or one subfolder of it) and queue every ready file."""
+    async def scan(self, subdir: bytes | None = None, *, periodic: bool = False) -> None:
+        """Walk `transfer/` (or one subfolder of it) and queue every ready file.
+
+        `periodic`: a folder whose last listing still holds is not listed again.
+        """
         started = time.monotonic()
-        walker = self._walk(subdir)
+        visited: set[bytes] = set()
+        walker = self._walk(subdir, reuse=periodic and self._reuse_listings, visited=visited)
         tally = _ScanTally()
         ordered: list[tuple[float, bytes, str]] = []  # (mtime, path, route): oldest first
         while True:
@@ -170,7 +200,14 @@ class Discovery:
             self.metrics.scan_duration.observe(time.monotonic() - started)
             self.backlog_files, self.backlog_bytes = tally.files, tally.size
             self.oldest_mtime = tally.oldest
-            self._unrouted_reported &= tally.flagged  # forget files that left
+            # Forget files that left; those in folders not listed again are still there.
+            self._unrouted_reported = {
+                rel
+                for rel in self._unrouted_reported
+                if rel in tally.flagged or rel.rpartition(b"/")[0] in tally.unchanged
+            }
+            for gone in self._listings.keys() - visited:
+                del self._listings[gone]
 
     def _sort_chunk(
         self, chunk: list[_Found], tally: _ScanTally, ordered: list[tuple[float, bytes, str]]
@@ -178,6 +215,10 @@ class Discovery:
         """Count a chunk of a scan; return the files to queue now (ordered lanes wait)."""
         found: list[tuple[str, bytes]] = []
         for kind, route, rel, st in chunk:
+            if kind == "unchanged":
+                tally.unchanged.add(rel)
+                tally.unrouted += self._listings[rel].unrouted
+                continue
             if kind in ("unrouted", "orphan_companion") and len(tally.flagged) < _REPORT_CAP:
                 tally.flagged.add(rel)
             if kind == "unrouted":
@@ -196,46 +237,79 @@ class Discovery:
                 tally.add(st)
         return found
 
-    def _walk(self, subdir: bytes | None) -> Iterator[_Found]:
-        """Blocking: the routed entries below `subdir`, lazily (the caller pulls chunks)."""
+    def _walk(self, subdir: bytes | None, *, reuse: bool, visited: set[bytes]) -> Iterator[_Found]:
+        """Blocking: the routed entries below `subdir`, lazily (the caller pulls chunks).
+
+        `reuse`: a folder whose last listing holds is yielded as "unchanged" instead.
+        """
         stack = [subdir] if subdir else [b""]
         while stack:
             rel_dir = stack.pop()
+            visited.add(rel_dir)
             path = self._tb + b"/" + rel_dir if rel_dir else self._tb
+            listed_at = time.time()
+            try:
+                folder = os.stat(path)
+            except OSError:
+                continue
+            key = (folder.st_ino, folder.st_mtime_ns, folder.st_ctime_ns)
+            known = self._listings.pop(rel_dir, None)
+            if reuse and known is not None and known.key == key:
+                self._listings[rel_dir] = known
+                stack.extend(known.subdirs)
+                yield "unchanged", None, rel_dir, None
+                continue
             try:
                 it = os.scandir(path)
             except OSError:
                 continue
             with it:
-                for entry in it:
-                    rel = rel_dir + b"/" + entry.name if rel_dir else entry.name
-                    try:
-                        is_dir = entry.is_dir(follow_symlinks=False)
-                    except OSError:
-                        continue
-                    c = self.router.classify(rel, is_dir=is_dir)
-                    if is_dir and c.kind != "candidate":
-                        if not self.router.prune_dir(entry.name):
-                            # Watched before it is listed: nothing falls between the two.
-                            self._watch_folder(rel)
-                            stack.append(rel)
-                        continue
-                    if c.kind == "ignored" and c.route is not None:
-                        self.readiness.temp_file(c.route, rel, entry)
-                        continue
-                    if c.kind == "companion" and c.route is not None:
-                        if self._orphan_companion(c.route, rel, entry):
-                            yield "orphan_companion", c.route.name, rel, None
-                        continue
-                    if c.kind != "candidate" or c.route is None:
-                        yield c.kind, None, rel, None
-                        continue
-                    try:
-                        st = entry.stat(follow_symlinks=False)
-                    except OSError:
-                        continue
-                    ready = self.readiness.is_ready(c.route, rel, entry)
-                    yield ("candidate" if ready else "waiting"), c.route.name, rel, st
+                subdirs, unrouted, settled = yield from self._list(rel_dir, it)
+            stack.extend(subdirs)
+            if settled and max(folder.st_mtime, folder.st_ctime) < listed_at - _SETTLED_S:
+                self._listings[rel_dir] = _Listing(key, subdirs, unrouted)
+
+    def _list(
+        self, rel_dir: bytes, it: Iterator[os.DirEntry[bytes]]
+    ) -> Generator[_Found, None, tuple[tuple[bytes, ...], int, bool]]:
+        """One folder's entries. Returns its subfolders, its count of unrouted files, and
+        whether it held nothing else: nothing to queue and nothing to look at again."""
+        subdirs: list[bytes] = []
+        unrouted, settled = 0, True
+        for entry in it:
+            rel = rel_dir + b"/" + entry.name if rel_dir else entry.name
+            try:
+                is_dir = entry.is_dir(follow_symlinks=False)
+            except OSError:
+                settled = False
+                continue
+            c = self.router.classify(rel, is_dir=is_dir)
+            if is_dir and c.kind != "candidate":
+                if not self.router.prune_dir(entry.name):
+                    # Watched before it is listed: nothing falls between the two.
+                    self._watch_folder(rel)
+                    subdirs.append(rel)
+                continue
+            if c.kind == "unrouted" or (c.kind == "ignored" and c.route is None):
+                unrouted += c.kind == "unrouted"
+                yield c.kind, None, rel, None
+                continue
+            settled = False
+            if c.kind == "ignored" and c.route is not None:
+                self.readiness.temp_file(c.route, rel, entry)
+            elif c.kind == "companion" and c.route is not None:
+                if self._orphan_companion(c.route, rel, entry):
+                    yield "orphan_companion", c.route.name, rel, None
+            elif c.kind != "candidate" or c.route is None:
+                yield c.kind, None, rel, None
+            else:
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                ready = self.readiness.is_ready(c.route, rel, entry)
+                yield ("candidate" if ready else "waiting"), c.route.name, rel, st
+        return tuple(subdirs), unrouted, settled
 
     def _orphan_companion(self, route: Route, rel: bytes, entry: os.DirEntry[bytes]) -> bool:
         """A marker or checksum whose file has not come for `stalled_after_s`."""

@@ -1,14 +1,25 @@
-"""Discovery modes: events, polling, scanning only, and `auto`'s choice by filesystem."""
+"""Discovery modes: events, polling, scanning only, and `auto`'s choice by filesystem;
+what a periodic scan lists again."""
 
 from __future__ import annotations
 
+import os
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from conftest import FiledockTree
+from conftest import FiledockTree, command_route, wait_for
+from prometheus_client import CollectorRegistry
 
 from service.fsutil import filesystem_type
-from service.watcher import detect_watch_mode
+from service.intake import Intake
+from service.metrics import Metrics
+from service.readiness import Readiness
+from service.routes import Router
+from service.settings import Settings
+from service.watcher import _SETTLED_S, Discovery, detect_watch_mode
 
 
 @pytest.mark.parametrize("mode", ["events", "poll", "scan"])
@@ -66,3 +77,119 @@ def test_auto_scans_on_network_filesystems(tmp_path: Path) -> None:
     assert detect_watch_mode(Path("/mnt/share/local/in"), "auto", mounts=m) == "events"
     assert detect_watch_mode(Path("/srv/data"), "auto", mounts=m) == "events"
     assert detect_watch_mode(Path("/mnt/share/transfer"), "poll", mounts=m) == "poll"
+
+
+class _Scans:
+    """A real Discovery (no watcher running, so nothing but its scans finds a file),
+    with the folders each scan listed: `os.scandir` is wrapped, not replaced."""
+
+    def __init__(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, match: str) -> None:
+        self.transfer = tmp_path / "transfer"
+        self.transfer.mkdir()
+        s = Settings(root=tmp_path, routes=[command_route(match=match)])
+        self.metrics = Metrics(CollectorRegistry())
+        self.intake = Intake([r.name for r in s.routes], 1000, self.metrics)
+        self.discovery = Discovery(
+            s,
+            Router(list(s.routes)),
+            Readiness(self.transfer),
+            self.intake,
+            self.metrics,
+            mode="events",
+        )
+        self.listed: list[str] = []
+        scandir = os.scandir
+
+        def listing(path: Any) -> Any:
+            self.listed.append(os.fsdecode(path)[len(str(self.transfer)) :].lstrip("/"))
+            return scandir(path)
+
+        monkeypatch.setattr(os, "scandir", listing)
+
+    async def scan(self, *, periodic: bool) -> list[str]:
+        self.listed.clear()
+        await self.discovery.scan(periodic=periodic)
+        return sorted(self.listed)
+
+    def close(self) -> None:
+        self.intake.close()
+        for receive in self.intake.receive.values():
+            receive.close()
+
+    def unrouted(self) -> float | None:
+        return self.metrics.registry.get_sample_value("filedock_unrouted_files")
+
+    def settle(self, *folders: Path) -> None:
+        """Wait until no folder changed within the last `_SETTLED_S` seconds."""
+        wait_for(
+            lambda: all(time.time() - f.stat().st_ctime > _SETTLED_S + 0.1 for f in folders),
+            what=f"the folders to be {_SETTLED_S} s old",
+        )
+
+
+@pytest.fixture
+def scans_of(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], _Scans]]:
+    made: list[_Scans] = []
+
+    def make(match: str) -> _Scans:
+        made.append(_Scans(tmp_path, monkeypatch, match))
+        return made[-1]
+
+    yield make
+    for scans in made:
+        scans.close()
+
+
+async def test_a_periodic_scan_lists_only_the_folders_that_changed(
+    tmp_path: Path, scans_of: Callable[[str], _Scans]
+) -> None:
+    scans = scans_of("in/*.csv")
+    junk, inbox = scans.transfer / "junk", scans.transfer / "in"
+    junk.mkdir()
+    inbox.mkdir()
+    for i in range(50):
+        (junk / f"{i}.dat").write_bytes(b"x")
+    scans.settle(scans.transfer, junk, inbox)
+
+    assert await scans.scan(periodic=False) == ["", "in", "junk"]
+    assert scans.unrouted() == 50
+    # Nothing changed: nothing is listed, and the 50 unrouted files are still counted.
+    assert await scans.scan(periodic=True) == []
+    assert scans.unrouted() == 50
+
+    # A file arrives that no watcher reported: its folder's mtime tells, and the
+    # periodic scan lists that folder (only) and queues the file.
+    (tmp_path / "a.csv").write_bytes(b"a")
+    os.rename(tmp_path / "a.csv", inbox / "a.csv")
+    assert await scans.scan(periodic=True) == ["in"]
+    assert b"in/a.csv" in scans.intake
+    assert await scans.scan(periodic=True) == ["in"]  # it waits there: listed each time
+
+    # An unrouted file removed, one put back with its folder's mtime set back: each
+    # change of an entry shows in mtime or ctime, and the count follows.
+    (junk / "0.dat").unlink()
+    assert "junk" in await scans.scan(periodic=True)
+    assert scans.unrouted() == 49
+    scans.settle(junk)
+    assert "junk" in await scans.scan(periodic=True)  # recorded now it has settled
+    before = junk.stat()
+    (junk / "0.dat").write_bytes(b"x")
+    os.utime(junk, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert "junk" in await scans.scan(periodic=True)
+    assert scans.unrouted() == 50
+
+    # A new subfolder shows in its parent; a scan after a restart or an overflow
+    # (not periodic) lists everything.
+    (junk / "deeper").mkdir()
+    assert await scans.scan(periodic=True) == ["in", "junk", "junk/deeper"]
+    assert await scans.scan(periodic=False) == ["", "in", "junk", "junk/deeper"]
+
+
+async def test_folders_holding_uploads_in_progress_are_listed_by_every_scan(
+    scans_of: Callable[[str], _Scans],
+) -> None:
+    scans = scans_of("**")
+    (scans.transfer / "upload.csv.part").write_bytes(b"half")  # stalls are judged by age
+    scans.settle(scans.transfer)
+    for periodic in (False, True, True):
+        assert await scans.scan(periodic=periodic) == [""]
