@@ -8,13 +8,9 @@ start, every `scan_interval_s`, after each watcher restart or overflow, and a
 subfolder is scanned when it appears. A scan walks the tree lazily and waits when
 a route's queue is full: a backlog stays on disk, and memory does not grow with it.
 
-A periodic scan does not list a folder again when listing it could not tell
-anything new: its last listing found only unrouted files and subfolders (nothing
-to queue, nothing whose readiness or stall depends on time), and the folder's
-inode, mtime and ctime are the ones stat saw before that listing. The kernel
-changes them with every entry created, renamed in or out, or removed, whatever
-the watcher saw; on network filesystems, where they may be stale, every scan lists.
-Scans after a watcher restart, an overflow or a dropped hint list everything.
+A periodic scan does not list again a folder whose last listing still holds (see
+`walk.py`); scans at start, after a watcher restart, an overflow or a dropped hint
+list everything.
 """
 
 from __future__ import annotations
@@ -23,8 +19,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Callable, Generator, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -39,48 +34,15 @@ from service.logs import job_fields
 from service.metrics import Metrics
 from service.readiness import Readiness
 from service.routes import Router
-from service.settings import Route, Settings
+from service.settings import Settings
+from service.walk import CHUNK, Found, ScanTally, TreeWalk, take
 
 __all__ = ["Discovery", "detect_watch_mode"]
 
 log = logging.getLogger("filedock.watcher")
 
-_CHUNK = 1024
-# (kind, route, relative path, stat of a routed file); kind "unchanged" names a folder
-# whose last listing holds (see `_Listing`)
-_Found = tuple[str, str | None, bytes, os.stat_result | None]
 _REPORT_CAP = 10_000  # unrouted/stalled names remembered to report each once
 _CHECKPOINT_EVERY = 512  # watcher events handled between two yields to the loop
-# A folder changed this recently may change again within the same tick of its
-# filesystem's clock (a jiffy; a second on ext4 with small inodes, two on FAT),
-# unseen by its mtime and ctime: its listing is not reused.
-_SETTLED_S = 2.0
-
-
-@dataclass
-class _ScanTally:
-    """What a full scan saw: unrouted files, and routed files waiting (for the gauges)."""
-
-    unrouted: int = 0
-    files: int = 0
-    size: int = 0
-    oldest: float | None = None
-    flagged: set[bytes] = field(default_factory=set)  # unrouted or orphaned, seen this scan
-    unchanged: set[bytes] = field(default_factory=set)  # folders not listed again
-
-    def add(self, st: os.stat_result) -> None:
-        self.files += 1
-        self.size += st.st_size
-        self.oldest = st.st_mtime if self.oldest is None else min(self.oldest, st.st_mtime)
-
-
-@dataclass(frozen=True, slots=True)
-class _Listing:
-    """A folder's last listing, when it found only unrouted files and subfolders."""
-
-    key: tuple[int, int, int]  # the folder's (inode, mtime, ctime) before it was listed
-    subdirs: tuple[bytes, ...]
-    unrouted: int
 
 
 def detect_watch_mode(
@@ -126,8 +88,7 @@ class Discovery:
         self._watch_scope: anyio.CancelScope | None = None
         self._watch_error: Exception | None = None
         self._unrouted_reported: set[bytes] = set()
-        self._listings: dict[bytes, _Listing] = {}
-        self._reuse_listings = not is_network_filesystem(filesystem_type(self.transfer))
+        self._walk = TreeWalk(self._tb, router, readiness, self._watch_folder)
         self._ordered = {r.name for r in settings.routes if r.order != "none"}
         self.backlog_files = 0
         self.backlog_bytes = 0
@@ -181,16 +142,16 @@ class Discovery:
         """
         started = time.monotonic()
         visited: set[bytes] = set()
-        walker = self._walk(subdir, reuse=periodic and self._reuse_listings, visited=visited)
-        tally = _ScanTally()
+        walker = self._walk.walk(subdir, reuse=periodic, visited=visited)
+        tally = ScanTally()
         ordered: list[tuple[float, bytes, str]] = []  # (mtime, path, route): oldest first
         while True:
-            chunk = await anyio.to_thread.run_sync(_take, walker, _CHUNK)
+            chunk = await anyio.to_thread.run_sync(take, walker, CHUNK)
             self._raise_watch_error()
             found = self._sort_chunk(chunk, tally, ordered)
             for route, rel in found:
                 await self._found(route, rel, from_watcher=False)
-            if len(chunk) < _CHUNK or self.stop.is_set():
+            if len(chunk) < CHUNK or self.stop.is_set():
                 break
         for _, rel, route in sorted(ordered):
             await self._found(route, rel, from_watcher=False)
@@ -206,18 +167,17 @@ class Discovery:
                 for rel in self._unrouted_reported
                 if rel in tally.flagged or rel.rpartition(b"/")[0] in tally.unchanged
             }
-            for gone in self._listings.keys() - visited:
-                del self._listings[gone]
+            self._walk.forget_except(visited)
 
     def _sort_chunk(
-        self, chunk: list[_Found], tally: _ScanTally, ordered: list[tuple[float, bytes, str]]
+        self, chunk: list[Found], tally: ScanTally, ordered: list[tuple[float, bytes, str]]
     ) -> list[tuple[str, bytes]]:
         """Count a chunk of a scan; return the files to queue now (ordered lanes wait)."""
         found: list[tuple[str, bytes]] = []
         for kind, route, rel, st in chunk:
             if kind == "unchanged":
                 tally.unchanged.add(rel)
-                tally.unrouted += self._listings[rel].unrouted
+                tally.unrouted += self._walk.unrouted_in(rel)
                 continue
             if kind in ("unrouted", "orphan_companion") and len(tally.flagged) < _REPORT_CAP:
                 tally.flagged.add(rel)
@@ -236,90 +196,6 @@ class Discovery:
             if st is not None:
                 tally.add(st)
         return found
-
-    def _walk(self, subdir: bytes | None, *, reuse: bool, visited: set[bytes]) -> Iterator[_Found]:
-        """Blocking: the routed entries below `subdir`, lazily (the caller pulls chunks).
-
-        `reuse`: a folder whose last listing holds is yielded as "unchanged" instead.
-        """
-        stack = [subdir] if subdir else [b""]
-        while stack:
-            rel_dir = stack.pop()
-            visited.add(rel_dir)
-            path = self._tb + b"/" + rel_dir if rel_dir else self._tb
-            listed_at = time.time()
-            try:
-                folder = os.stat(path)
-            except OSError:
-                continue
-            key = (folder.st_ino, folder.st_mtime_ns, folder.st_ctime_ns)
-            known = self._listings.pop(rel_dir, None)
-            if reuse and known is not None and known.key == key:
-                self._listings[rel_dir] = known
-                stack.extend(known.subdirs)
-                yield "unchanged", None, rel_dir, None
-                continue
-            try:
-                it = os.scandir(path)
-            except OSError:
-                continue
-            with it:
-                subdirs, unrouted, settled = yield from self._list(rel_dir, it)
-            stack.extend(subdirs)
-            if settled and max(folder.st_mtime, folder.st_ctime) < listed_at - _SETTLED_S:
-                self._listings[rel_dir] = _Listing(key, subdirs, unrouted)
-
-    def _list(
-        self, rel_dir: bytes, it: Iterator[os.DirEntry[bytes]]
-    ) -> Generator[_Found, None, tuple[tuple[bytes, ...], int, bool]]:
-        """One folder's entries. Returns its subfolders, its count of unrouted files, and
-        whether it held nothing else: nothing to queue and nothing to look at again."""
-        subdirs: list[bytes] = []
-        unrouted, settled = 0, True
-        for entry in it:
-            rel = rel_dir + b"/" + entry.name if rel_dir else entry.name
-            try:
-                is_dir = entry.is_dir(follow_symlinks=False)
-            except OSError:
-                settled = False
-                continue
-            c = self.router.classify(rel, is_dir=is_dir)
-            if is_dir and c.kind != "candidate":
-                if not self.router.prune_dir(entry.name):
-                    # Watched before it is listed: nothing falls between the two.
-                    self._watch_folder(rel)
-                    subdirs.append(rel)
-                continue
-            if c.kind == "unrouted" or (c.kind == "ignored" and c.route is None):
-                unrouted += c.kind == "unrouted"
-                yield c.kind, None, rel, None
-                continue
-            settled = False
-            if c.kind == "ignored" and c.route is not None:
-                self.readiness.temp_file(c.route, rel, entry)
-            elif c.kind == "companion" and c.route is not None:
-                if self._orphan_companion(c.route, rel, entry):
-                    yield "orphan_companion", c.route.name, rel, None
-            elif c.kind != "candidate" or c.route is None:
-                yield c.kind, None, rel, None
-            else:
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                except OSError:
-                    continue
-                ready = self.readiness.is_ready(c.route, rel, entry)
-                yield ("candidate" if ready else "waiting"), c.route.name, rel, st
-        return tuple(subdirs), unrouted, settled
-
-    def _orphan_companion(self, route: Route, rel: bytes, entry: os.DirEntry[bytes]) -> bool:
-        """A marker or checksum whose file has not come for `stalled_after_s`."""
-        if self.router.companion_has_file(route, rel, self._tb):
-            return False
-        try:
-            age = time.time() - entry.stat(follow_symlinks=False).st_mtime
-        except OSError:
-            return False
-        return age >= route.stalled_after_s
 
     async def _found(self, route: str, rel: bytes, *, from_watcher: bool) -> None:
         if from_watcher:
@@ -511,12 +387,3 @@ class Discovery:
     def _set_mode(self, mode: str) -> None:
         for m in ("events", "poll", "scan"):
             self.metrics.watcher_mode.labels(m).set(1 if m == mode else 0)
-
-
-def _take(it: Iterator[_Found], n: int) -> list[_Found]:
-    out: list[_Found] = []
-    for item in it:
-        out.append(item)
-        if len(out) >= n:
-            break
-    return out

@@ -19,7 +19,8 @@ from service.metrics import Metrics
 from service.readiness import Readiness
 from service.routes import Router
 from service.settings import Settings
-from service.watcher import _SETTLED_S, Discovery, detect_watch_mode
+from service.walk import SETTLED_S
+from service.watcher import Discovery, detect_watch_mode
 
 
 @pytest.mark.parametrize("mode", ["events", "poll", "scan"])
@@ -120,10 +121,10 @@ class _Scans:
         return self.metrics.registry.get_sample_value("filedock_unrouted_files")
 
     def settle(self, *folders: Path) -> None:
-        """Wait until no folder changed within the last `_SETTLED_S` seconds."""
+        """Wait until no folder changed within the last `SETTLED_S` seconds."""
         wait_for(
-            lambda: all(time.time() - f.stat().st_ctime > _SETTLED_S + 0.1 for f in folders),
-            what=f"the folders to be {_SETTLED_S} s old",
+            lambda: all(time.time() - f.stat().st_ctime > SETTLED_S + 0.1 for f in folders),
+            what=f"the folders to be {SETTLED_S} s old",
         )
 
 
