@@ -197,7 +197,12 @@ class Pipeline:
         metrics.worker_pid = lambda: self.writer.worker_pid
         self.lanes: dict[str, _Lane] = {}
         for route in settings.routes:
-            send, receive = anyio.create_memory_object_stream[JobRecord](route.concurrency)
+            # Room for a whole claim batch: the claimer hands its batch over and claims
+            # the next one while the workers import (with room for only `concurrency`,
+            # claims and imports took turns; docs/benchmarks.md).
+            send, receive = anyio.create_memory_object_stream[JobRecord](
+                max(route.concurrency, settings.batch_max_files)
+            )
             importer = build_importer(route, limiter=self.import_threads)
             self.lanes[route.name] = _Lane(
                 route,
