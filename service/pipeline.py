@@ -87,6 +87,10 @@ class _Lane:
     ones each took under `_QUICK_S`), a worker takes what is waiting, up to `_GROUP_MAX`
     jobs, and records, imports and hands them on together: one ledger write and one
     thread hand-off for all. Slow imports go one to a worker, side by side, as before.
+
+    Its queue has room for a claim batch, so that while imports are quick the claimer
+    claims the next batch as the workers import this one; `taken` is set whenever a
+    worker takes jobs from it.
     """
 
     route: Route
@@ -96,6 +100,7 @@ class _Lane:
     receive: MemoryObjectReceiveStream[JobRecord]
     grouped: GroupImporter | None = None
     quick: bool = False
+    taken: anyio.Event = field(default_factory=anyio.Event)
 
 
 @dataclass
@@ -197,9 +202,7 @@ class Pipeline:
         metrics.worker_pid = lambda: self.writer.worker_pid
         self.lanes: dict[str, _Lane] = {}
         for route in settings.routes:
-            # Room for a whole claim batch: the claimer hands its batch over and claims
-            # the next one while the workers import (with room for only `concurrency`,
-            # claims and imports took turns; docs/benchmarks.md).
+            # Room for a whole claim batch (see `_wait_for_workers`).
             send, receive = anyio.create_memory_object_stream[JobRecord](
                 max(route.concurrency, settings.batch_max_files)
             )
@@ -323,6 +326,22 @@ class Pipeline:
                 claimed = await shielded(self._claim(lane.route, batch))
                 for job in claimed:
                     await self._enqueue(lane, job)
+                await self._wait_for_workers(lane)
+
+    async def _wait_for_workers(self, lane: _Lane) -> None:
+        """Run a batch ahead of the workers only while their imports are quick.
+
+        Then the next batch is claimed while this one imports (when claims waited for
+        the workers, the two took turns: docs/benchmarks.md). A lane of slow imports
+        holds no more than a batch and its workers' next jobs; what it cannot start
+        soon stays in transfer/, where another replica can claim it and the backlog's
+        metrics count it.
+        """
+        while (
+            not lane.quick and lane.send.statistics().current_buffer_used > lane.route.concurrency
+        ):
+            lane.taken = anyio.Event()
+            await lane.taken.wait()
 
     async def _gather(self, receive: MemoryObjectReceiveStream[T], first: T) -> list[T]:
         """`first` and what else arrives within the batch delay, up to a batch: what
@@ -416,8 +435,11 @@ class Pipeline:
             async for job in lane.receive:
                 if lane.grouped is not None:
                     limit = _GROUP_MAX if lane.quick else 1
-                    await self._work(lane, _take_waiting(lane.receive, job, limit))
+                    jobs = _take_waiting(lane.receive, job, limit)
+                    lane.taken.set()
+                    await self._work(lane, jobs)
                     continue
+                lane.taken.set()
                 before, mine = self._order_wait.pop(job.id, (None, None))
                 try:
                     if before is not None:

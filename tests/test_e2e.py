@@ -169,3 +169,31 @@ def test_same_name_twice_is_two_jobs(tree: FiledockTree) -> None:
     assert [bytes(r["name"]) for r in rows] == [b"daily.csv", b"daily.csv"]
     assert rows[0]["sha256"] != rows[1]["sha256"]
     assert len(tree.archived()) == 2
+
+
+def test_a_lane_of_slow_imports_leaves_what_it_cannot_start_soon_in_transfer(
+    tree: FiledockTree,
+) -> None:
+    # One slow import at a time and claims of 4: the lane takes one claim batch; the
+    # rest waits in transfer/, where another replica could claim it.
+    tree.configure(
+        routes=[command_route(concurrency=1)],
+        batch_max_files=4,
+        queue_size=4,
+        shutdown_grace_s=1,
+    )
+    for i in range(12):
+        tree.drop(f"slow-{i:02}.csv", b"SLEEP 20\n")
+    service = tree.start()
+    wait_for(lambda: any(r["event"] == "start" for r in tree.records()), what="the first import")
+    # The scan queues the next files, up to queue_size; the claimer leaves them queued.
+    wait_for(lambda: service.metric("filedock_queue_depth") == 4, what="4 files queued")
+    assert len(list(tree.folder("proc").iterdir())) == 4
+    assert len(list(tree.transfer.iterdir())) == 8
+    started = [r for r in tree.records() if r["event"] == "start"]
+    assert len(started) == 1
+    # Stopping with a full lane: the import in flight is stopped, every file stays put.
+    assert service.stop(signal.SIGTERM, timeout=30) == 0
+    assert not os.path.exists(f"/proc/{started[0]['pid']}")
+    assert len(list(tree.folder("proc").iterdir())) == 4
+    assert len(list(tree.transfer.iterdir())) == 8
