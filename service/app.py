@@ -114,10 +114,19 @@ class App:
     async def _run(self, ledger: Ledger) -> int:
         s, m = self.settings, self.metrics
         router = Router(list(s.routes))
-        mode = "scan" if self.once else detect_watch_mode(s.folder("transfer"), s.watch_mode)
+        transfer_fs = filesystem_type(s.folder("transfer"))
+        mode = "scan" if self.once else detect_watch_mode(transfer_fs, s.watch_mode)
         intake = Intake([r.name for r in s.routes], s.queue_size, m)
         readiness = Readiness(s.folder("transfer"))
-        discovery = Discovery(s, router, readiness, intake, m, mode=mode)
+        discovery = Discovery(
+            s,
+            router,
+            readiness,
+            intake,
+            m,
+            mode=mode,
+            network_fs=is_network_filesystem(transfer_fs),
+        )
         pipeline = Pipeline(s, ledger, m, intake)
         health = Health(
             ledger,

@@ -8,7 +8,8 @@ and subfolders (nothing to queue, nothing whose readiness or stall depends on ti
 is not listed again by a periodic scan while its inode, mtime and ctime are the ones
 stat saw before that listing: the kernel changes them with every entry created,
 renamed in or out, or removed, whether or not a watcher saw it, and `utime` cannot
-set ctime back. On network filesystems, where they may be stale, every walk lists.
+set ctime back. On network filesystems, where they may be stale, the caller turns
+listings off and every walk lists.
 """
 
 from __future__ import annotations
@@ -17,9 +18,7 @@ import os
 import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from service.fsutil import filesystem_type, is_network_filesystem
 from service.readiness import Readiness
 from service.routes import Router
 from service.settings import Route
@@ -71,13 +70,15 @@ class TreeWalk:
         router: Router,
         readiness: Readiness,
         watch_folder: Callable[[bytes], None],
+        *,
+        keep_listings: bool,
     ) -> None:
         self._tb = transfer
         self.router = router
         self.readiness = readiness
         self._watch_folder = watch_folder
         self._listings: dict[bytes, _Listing] = {}
-        self._reuse = not is_network_filesystem(filesystem_type(Path(os.fsdecode(transfer))))
+        self._reuse = keep_listings
 
     def unrouted_in(self, rel_dir: bytes) -> int:
         return self._listings[rel_dir].unrouted

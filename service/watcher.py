@@ -20,14 +20,13 @@ import os
 import stat
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Literal
 
 import anyio
 import anyio.lowlevel
 from anyio.abc import TaskStatus
 
-from service.fsutil import filesystem_type, is_network_filesystem
+from service.fsutil import is_network_filesystem
 from service.inotify import TreeWatch, WatchLimitReached, inotify_available
 from service.intake import Intake
 from service.logs import job_fields
@@ -45,13 +44,10 @@ _REPORT_CAP = 10_000  # unrouted/stalled names remembered to report each once
 _CHECKPOINT_EVERY = 512  # watcher events handled between two yields to the loop
 
 
-def detect_watch_mode(
-    path: Path, configured: str, *, mounts: str = "/proc/self/mounts"
-) -> Literal["events", "poll", "scan"]:
+def detect_watch_mode(fstype: str, configured: str) -> Literal["events", "poll", "scan"]:
     """`auto` picks `scan` on network filesystems (inotify sees no other node's writes)."""
     if configured != "auto":
         return configured  # type: ignore[return-value]
-    fstype = filesystem_type(path, mounts=mounts)
     if is_network_filesystem(fstype):
         return "scan"
     return "events"
@@ -69,6 +65,7 @@ class Discovery:
         metrics: Metrics,
         *,
         mode: Literal["events", "poll", "scan"],
+        network_fs: bool,
     ) -> None:
         self.settings = settings
         self.transfer = settings.folder("transfer")
@@ -88,7 +85,10 @@ class Discovery:
         self._watch_scope: anyio.CancelScope | None = None
         self._watch_error: Exception | None = None
         self._unrouted_reported: set[bytes] = set()
-        self._walk = TreeWalk(self._tb, router, readiness, self._watch_folder)
+        # Listings are kept only where a folder's mtime and ctime can be trusted.
+        self._walk = TreeWalk(
+            self._tb, router, readiness, self._watch_folder, keep_listings=not network_fs
+        )
         self._ordered = {r.name for r in settings.routes if r.order != "none"}
         self.backlog_files = 0
         self.backlog_bytes = 0

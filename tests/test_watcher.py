@@ -72,19 +72,25 @@ def test_auto_scans_on_network_filesystems(tmp_path: Path) -> None:
     )
     m = str(mounts)
     assert filesystem_type(Path("/mnt/share/x/transfer"), mounts=m) == "nfs4"
-    assert detect_watch_mode(Path("/mnt/share/transfer"), "auto", mounts=m) == "scan"
-    assert detect_watch_mode(Path("/mnt/smb/in"), "auto", mounts=m) == "scan"
-    assert detect_watch_mode(Path("/mnt/fuse/in"), "auto", mounts=m) == "scan"
-    assert detect_watch_mode(Path("/mnt/share/local/in"), "auto", mounts=m) == "events"
-    assert detect_watch_mode(Path("/srv/data"), "auto", mounts=m) == "events"
-    assert detect_watch_mode(Path("/mnt/share/transfer"), "poll", mounts=m) == "poll"
+
+    def mode(path: str, configured: str) -> str:
+        return detect_watch_mode(filesystem_type(Path(path), mounts=m), configured)
+
+    assert mode("/mnt/share/transfer", "auto") == "scan"
+    assert mode("/mnt/smb/in", "auto") == "scan"
+    assert mode("/mnt/fuse/in", "auto") == "scan"
+    assert mode("/mnt/share/local/in", "auto") == "events"
+    assert mode("/srv/data", "auto") == "events"
+    assert mode("/mnt/share/transfer", "poll") == "poll"
 
 
 class _Scans:
     """A real Discovery (no watcher running, so nothing but its scans finds a file),
     with the folders each scan listed: `os.scandir` is wrapped, not replaced."""
 
-    def __init__(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, match: str) -> None:
+    def __init__(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, match: str, network_fs: bool
+    ) -> None:
         self.transfer = tmp_path / "transfer"
         self.transfer.mkdir()
         s = Settings(root=tmp_path, routes=[command_route(match=match)])
@@ -97,6 +103,7 @@ class _Scans:
             self.intake,
             self.metrics,
             mode="events",
+            network_fs=network_fs,
         )
         self.listed: list[str] = []
         scandir = os.scandir
@@ -129,11 +136,11 @@ class _Scans:
 
 
 @pytest.fixture
-def scans_of(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], _Scans]]:
+def scans_of(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., _Scans]]:
     made: list[_Scans] = []
 
-    def make(match: str) -> _Scans:
-        made.append(_Scans(tmp_path, monkeypatch, match))
+    def make(match: str, *, network_fs: bool = False) -> _Scans:
+        made.append(_Scans(tmp_path, monkeypatch, match, network_fs))
         return made[-1]
 
     yield make
@@ -142,7 +149,7 @@ def scans_of(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callab
 
 
 async def test_a_periodic_scan_lists_only_the_folders_that_changed(
-    tmp_path: Path, scans_of: Callable[[str], _Scans]
+    tmp_path: Path, scans_of: Callable[..., _Scans]
 ) -> None:
     scans = scans_of("in/*.csv")
     junk, inbox = scans.transfer / "junk", scans.transfer / "in"
@@ -186,8 +193,21 @@ async def test_a_periodic_scan_lists_only_the_folders_that_changed(
     assert await scans.scan(periodic=False) == ["", "in", "junk", "junk/deeper"]
 
 
+async def test_on_a_network_filesystem_every_scan_lists_every_folder(
+    scans_of: Callable[..., _Scans],
+) -> None:
+    # Another node's writes may reach this one's mtime and ctime late, or not at all.
+    scans = scans_of("in/*.csv", network_fs=True)
+    (scans.transfer / "junk").mkdir()
+    (scans.transfer / "junk" / "old.dat").write_bytes(b"x")
+    scans.settle(scans.transfer, scans.transfer / "junk")
+    for periodic in (False, True, True):
+        assert await scans.scan(periodic=periodic) == ["", "junk"]
+        assert scans.unrouted() == 1
+
+
 async def test_folders_holding_uploads_in_progress_are_listed_by_every_scan(
-    scans_of: Callable[[str], _Scans],
+    scans_of: Callable[..., _Scans],
 ) -> None:
     scans = scans_of("**")
     (scans.transfer / "upload.csv.part").write_bytes(b"half")  # stalls are judged by age
