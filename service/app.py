@@ -127,7 +127,7 @@ class App:
             mode=mode,
             network_fs=is_network_filesystem(transfer_fs),
         )
-        pipeline = Pipeline(s, ledger, m, intake)
+        pipeline = Pipeline(s, ledger, m, intake, readiness)
         health = Health(
             ledger,
             m,

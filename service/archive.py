@@ -28,11 +28,12 @@ from typing import Any
 
 import orjson
 
-from service.claim import payload_name, stored_name
+from service.claim import payload_name, still_written, stored_name
 from service.errors import JobError
 from service.fsutil import Barrier, fsync_dir, move_tree, write_durable
 from service.ledger.base import JobRecord
 from service.names import display_name, name_b64, rfc3339, safe_archive_name
+from service.writers import LeaseCheck, still_idle, writer_check_fd
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -137,6 +138,13 @@ def _gzip_and_hash(src: bytes, dst: str, job: JobRecord) -> None:
                 "modified_during_processing",
                 f"the file changed after it was claimed (size {job.size} -> {st.st_size})",
             )
+        # No writer may have it open while it is archived, nor open it meanwhile (the
+        # lease is held until the descriptor closes): an archive is never of a prefix.
+        # A writer found here makes the archiver try again later; once it has closed
+        # the file, a change of content sets the job aside with the complete bytes.
+        writers = writer_check_fd(fd)
+        if writers is LeaseCheck.WRITING:
+            raise still_written()
         if st.st_size <= _CHUNK:
             # One byte more than its size: a file that grew since fails the hash.
             want = st.st_size + 1
@@ -147,16 +155,19 @@ def _gzip_and_hash(src: bytes, dst: str, job: JobRecord) -> None:
             blob = gzip.compress(data, 6, mtime=0)
             _check_copy(hashlib.sha256(gzip.decompress(blob)).hexdigest(), job.sha256)
             _write_all(dst, blob)
-            return
-        h = hashlib.sha256()
-        with open(dst, "wb") as raw, gzip.GzipFile("", "wb", 6, raw, mtime=0) as gz:
-            while chunk := os.read(fd, _CHUNK):
-                h.update(chunk)
-                gz.write(chunk)
+        else:
+            h = hashlib.sha256()
+            with open(dst, "wb") as raw, gzip.GzipFile("", "wb", 6, raw, mtime=0) as gz:
+                while chunk := os.read(fd, _CHUNK):
+                    h.update(chunk)
+                    gz.write(chunk)
+            _check_source(h.hexdigest(), job)
+        if writers is LeaseCheck.IDLE and not still_idle(fd):
+            raise still_written()
     finally:
         os.close(fd)
-    _check_source(h.hexdigest(), job)
-    _verify_gzip(dst, job.sha256)
+    if st.st_size > _CHUNK:
+        _verify_gzip(dst, job.sha256)
 
 
 def _check_source(digest: str, job: JobRecord) -> None:

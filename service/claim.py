@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Literal
 from service.crash import crash_point
 from service.errors import JobError
 from service.fsutil import Barrier
+from service.writers import LeaseCheck, open_and_check, still_idle, writer_check_fd
 
 if TYPE_CHECKING:  # the archive worker process imports this module: no pydantic there
     from service.settings import Route
@@ -33,6 +34,7 @@ __all__ = [
     "companion_suffixes",
     "payload_name",
     "read_sidecar",
+    "still_written",
     "stored_name",
     "vet",
 ]
@@ -58,7 +60,7 @@ def payload_name(stored: bytes) -> bytes:
 class ClaimResult:
     rel: bytes
     job_id: str
-    status: Literal["claimed", "gone", "error"]
+    status: Literal["claimed", "gone", "busy", "error"]
     error: str | None = None
     vetted: Vetted | None = None
     rejected: JobError | None = None  # claimed, but not a file to import (set it aside)
@@ -92,35 +94,50 @@ def claim_batch(
     results: list[ClaimResult] = []
     for rel, job_id in items:
         src = tb + b"/" + rel
-        job_dir = pb + b"/" + job_id.encode()
-        name = rel.rsplit(b"/", 1)[-1]
-        try:
-            os.mkdir(job_dir)
-        except OSError as e:
-            results.append(ClaimResult(rel, job_id, "error", f"mkdir in proc/: {e.strerror}"))
+        # A file some process still has open for writing stays where it is. The lease
+        # is held through the rename: a writer opening it meanwhile waits, and then
+        # has the claimed file open, which the vet before the import sees.
+        fd, writers = open_and_check(src)
+        if writers is LeaseCheck.WRITING:
+            results.append(ClaimResult(rel, job_id, "busy"))
             continue
-        crash_point("mid_claim")
         try:
-            os.rename(src, job_dir + b"/" + stored_name(name))
-        except OSError as e:
-            os.rmdir(job_dir)
-            if e.errno in (errno.ENOENT, errno.ENOTDIR):
-                results.append(ClaimResult(rel, job_id, "gone"))
-            else:
-                results.append(ClaimResult(rel, job_id, "error", f"rename: {e.strerror}"))
-            continue
-        for suffix in companions:
-            try:
-                os.rename(src + suffix, job_dir + b"/" + stored_name(name + suffix))
-            except FileNotFoundError:
-                pass
-        barrier.dir(Path(os.fsdecode(src)).parent)
-        barrier.dir(Path(os.fsdecode(job_dir)))
-        results.append(ClaimResult(rel, job_id, "claimed"))
+            result = _claim_one(src, pb + b"/" + job_id.encode(), rel, job_id, companions)
+        finally:
+            if fd is not None:
+                os.close(fd)  # releases the lease
+        results.append(result)
+        if result.status == "claimed":
+            barrier.dir(Path(os.fsdecode(src)).parent)
+            barrier.dir(Path(os.fsdecode(pb + b"/" + job_id.encode())))
     if any(r.status == "claimed" for r in results):
         barrier.dir(proc)
         barrier.flush()
     return [_vet_claimed(r, pb, max_size, temp) if r.status == "claimed" else r for r in results]
+
+
+def _claim_one(
+    src: bytes, job_dir: bytes, rel: bytes, job_id: str, companions: tuple[bytes, ...]
+) -> ClaimResult:
+    name = rel.rsplit(b"/", 1)[-1]
+    try:
+        os.mkdir(job_dir)
+    except OSError as e:
+        return ClaimResult(rel, job_id, "error", f"mkdir in proc/: {e.strerror}")
+    crash_point("mid_claim")
+    try:
+        os.rename(src, job_dir + b"/" + stored_name(name))
+    except OSError as e:
+        os.rmdir(job_dir)
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            return ClaimResult(rel, job_id, "gone")
+        return ClaimResult(rel, job_id, "error", f"rename: {e.strerror}")
+    for suffix in companions:
+        try:
+            os.rename(src + suffix, job_dir + b"/" + stored_name(name + suffix))
+        except FileNotFoundError:
+            pass
+    return ClaimResult(rel, job_id, "claimed")
 
 
 def _vet_claimed(
@@ -131,6 +148,9 @@ def _vet_claimed(
     try:
         vetted = vet(job_dir + b"/" + stored_name(name), max_size=max_size, want_hash=True)
     except JobError as e:
+        if e.retryable and e.error_class == "modified_during_processing":
+            # Still written: vetted again before its import, which waits for the writer.
+            return ClaimResult(r.rel, r.job_id, "claimed")
         return ClaimResult(r.rel, r.job_id, "claimed", rejected=e)
     crash_point("after_vet")
     if temp is not None:  # the importer's folders, when it needs them made for it
@@ -146,8 +166,19 @@ class Vetted:
     sha256: str | None
 
 
+def still_written() -> JobError:
+    """A writer has the claimed file open (it opened it as the claim renamed it, or it
+    writes into `proc/`): the job waits, and its import gets the complete content."""
+    return JobError(
+        "modified_during_processing",
+        "a process still has the file open for writing; it is imported once it is closed",
+        retryable=True,
+    )
+
+
 def vet(path: bytes, *, max_size: int | None, want_hash: bool) -> Vetted:
-    """Check that a claimed entry is a regular file with one link, within the size limit.
+    """Check that a claimed entry is a regular file with one link, within the size limit,
+    that no process has open for writing.
 
     The size limit is checked on `st_size` before a byte is read (a 20 GB sparse
     file is refused at once). With `want_hash`, the content's SHA-256 is computed
@@ -155,7 +186,7 @@ def vet(path: bytes, *, max_size: int | None, want_hash: bool) -> Vetted:
 
     Raises:
         JobError: `symlink`, `not_regular_file`, `hard_link`, `too_large`,
-            `permission` or `io_error`.
+            `permission`, `io_error`, or (retryable) `modified_during_processing`.
     """
     try:
         st = os.lstat(path)
@@ -182,7 +213,12 @@ def vet(path: bytes, *, max_size: int | None, want_hash: bool) -> Vetted:
             raise JobError(
                 "too_large", f"the file has {fst.st_size} bytes, over max_size_bytes={max_size}"
             )
+        writers = writer_check_fd(fd)
+        if writers is LeaseCheck.WRITING:
+            raise still_written()
         digest = _sha256_fd(fd) if want_hash else None
+        if writers is LeaseCheck.IDLE and not still_idle(fd):
+            raise still_written()
         return Vetted(fst.st_size, fst.st_mtime_ns, digest)
     finally:
         os.close(fd)

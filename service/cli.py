@@ -281,21 +281,22 @@ async def retry_job(settings: Settings, ledger: Any, job: Any) -> str | None:
             "previous_error": (job.error or "")[:500],
         },
     ]
-    await ledger.update(
-        job.id,
-        {
-            "state": "waiting",
-            "next_attempt_at": now,
-            "outcome": None,
-            "error_class": None,
-            "error": None,
-            "failed_path": None,
-            "history": history,
-            "updated_at": now,
-            "owner": None,
-            "lease_expires_at": None,
-        },
-    )
+    fields: dict[str, Any] = {
+        "state": "waiting",
+        "next_attempt_at": now,
+        "outcome": None,
+        "error_class": None,
+        "error": None,
+        "failed_path": None,
+        "history": history,
+        "updated_at": now,
+        "owner": None,
+        "lease_expires_at": None,
+    }
+    if job.error_class == "modified_during_processing":
+        # The operator asks for the file as it is now: its content is vetted anew.
+        fields.update(sha256=None, size=None, mtime_ns=None)
+    await ledger.update(job.id, fields)
     return None
 
 

@@ -76,6 +76,12 @@ class Metrics:
         self.queue_depth = Gauge(
             p + "queue_depth", "Ready files queued in memory for a claim.", registry=r
         )
+        self.claims_put_off = Counter(
+            p + "claims_put_off_total",
+            "Claims put off because a process still had the file open for writing.",
+            ["route"],
+            registry=r,
+        )
         self.backlog_files = Gauge(
             p + "backlog_files", "Files waiting in each folder.", ["folder"], registry=r
         )

@@ -63,6 +63,7 @@ from service.ledger import JobRecord, Ledger
 from service.logs import job_fields
 from service.metrics import Metrics
 from service.names import new_job_id, rfc3339
+from service.readiness import Readiness
 from service.settings import CommandImporterSettings, Route, Settings
 
 __all__ = ["Pipeline"]
@@ -182,11 +183,13 @@ class Pipeline:
         ledger: Ledger,
         metrics: Metrics,
         intake: Intake,
+        readiness: Readiness,
     ) -> None:
         self.settings = settings
         self.ledger = ledger
         self.metrics = metrics
         self.intake = intake
+        self.readiness = readiness
         self.transfer = settings.folder("transfer")
         self.proc = settings.folder("proc")
         self.archive_root = settings.folder("archive")
@@ -304,6 +307,10 @@ class Pipeline:
 
     def _release(self, job: JobRecord) -> None:
         self.active.pop(job.id, None)
+        self._wake_idle()
+
+    def _wake_idle(self) -> None:
+        """What `wait_idle` waits on changed: a job released, or files left the intake."""
         self._changed.set()
         self._changed = anyio.Event()
 
@@ -382,6 +389,7 @@ class Pipeline:
             log.error("ledger unavailable; files stay in transfer/", extra={"error": repr(e)[:300]})
             for c in batch:
                 self.intake.release(c.rel)
+            self._wake_idle()
             await anyio.sleep(1.0)
             return []
         results = await anyio.to_thread.run_sync(
@@ -397,6 +405,7 @@ class Pipeline:
         )
         for c in batch:
             self.intake.release(c.rel)
+        self._wake_idle()  # files not claimed (gone, open for writing) hold no job
         claimed, lost = [], []
         for record, result in zip(records, results, strict=True):
             if result.status == "claimed":
@@ -417,7 +426,10 @@ class Pipeline:
                 )
             else:
                 lost.append(record.id)
-                if result.status == "error":
+                if result.status == "busy":
+                    self.metrics.claims_put_off.labels(route.name).inc()
+                    self.readiness.busy(route, record.relative_path)
+                elif result.status == "error":
                     log.error(
                         "cannot claim; left in transfer/",
                         extra=job_fields(

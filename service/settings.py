@@ -40,7 +40,21 @@ __all__ = [
 
 _config_file: ContextVar[Path | None] = ContextVar("filedock_config_file", default=None)
 
-DEFAULT_IGNORE = ["*.tmp", "*.part", "*.filepart", "*.crdownload", ".*"]
+# The temporary names common uploaders write before they rename to the final name:
+# never claimed (the README lists each client and the readiness it needs).
+DEFAULT_IGNORE = [
+    ".*",  # rsync (.name.XXXXXX), lftp xfer:use-temp-file (.in.name.), editors, dot-files
+    "*.partial",  # rclone (name.<8 hex>.partial)
+    "*.part",  # Firefox, curl/wget scripts, sftp `put name.part`
+    "*.filepart",  # WinSCP
+    "*.crdownload",  # Chrome, Edge
+    "*.download",  # Safari (a folder)
+    "*.writing",  # Spring Integration, Apache Camel (tempFileName)
+    "*.inprogress",  # Apache Camel, Flume, Flink
+    "*.tmp",
+    "*.temp",
+    "~$*",  # Microsoft Office lock and save files
+]
 _NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 
 

@@ -11,9 +11,10 @@ from typing import Any
 
 from service.fsutil import tree_entries
 from service.names import display_name, rfc3339
-from service.readiness import Readiness
+from service.readiness import BUSY_REASON, Readiness
 from service.routes import Router
 from service.settings import Settings
+from service.writers import LeaseCheck, open_and_check
 
 __all__ = ["folder_report", "waiting_report"]
 
@@ -71,6 +72,8 @@ def waiting_report(settings: Settings) -> list[dict[str, Any]]:
         else:
             assert c.route is not None
             reason = readiness.why_not_ready(c.route, rel, None) or "ready: queued for a claim"
+        if reason.startswith("ready") and _open_for_writing(tb + b"/" + rel):
+            reason = BUSY_REASON
         out.append(
             {
                 "path": display_name(rel),
@@ -81,3 +84,10 @@ def waiting_report(settings: Settings) -> list[dict[str, Any]]:
         if len(out) >= _WAITING_SHOWN:
             break
     return out
+
+
+def _open_for_writing(path: bytes) -> bool:
+    fd, writers = open_and_check(path)
+    if fd is not None:
+        os.close(fd)
+    return writers is LeaseCheck.WRITING

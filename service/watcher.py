@@ -33,7 +33,7 @@ from service.logs import job_fields
 from service.metrics import Metrics
 from service.readiness import Readiness
 from service.routes import Router
-from service.settings import Settings
+from service.settings import Route, Settings
 from service.walk import CHUNK, Found, ScanTally, TreeWalk, take
 
 __all__ = ["Discovery", "detect_watch_mode"]
@@ -90,6 +90,9 @@ class Discovery:
             self._tb, router, readiness, self._watch_folder, keep_listings=not network_fs
         )
         self._ordered = {r.name for r in settings.routes if r.order != "none"}
+        self._routes = {r.name: r for r in settings.routes}
+        self._look_now = anyio.Event()
+        readiness.notify = self._look_sooner
         self.backlog_files = 0
         self.backlog_bytes = 0
         self.oldest_mtime: float | None = None
@@ -103,6 +106,7 @@ class Discovery:
             if self.mode != "scan":
                 # Watch first, then scan: whatever the scan does not see, the watch does.
                 await tg.start(self._supervise_watcher)
+            tg.start_soon(self._look_when_due)
             task_status.started()
             await self._scan_loop()
             tg.cancel_scope.cancel()
@@ -117,15 +121,34 @@ class Discovery:
             else:
                 for sub in subdirs:
                     await self.scan(sub)
-            with anyio.move_on_after(self._next_scan_delay()):
+            with anyio.move_on_after(self.settings.scan_interval_s):
                 await self._scan_now.wait()
                 continue
             self._want_full = True
 
-    def _next_scan_delay(self) -> float:
-        delay = self.settings.scan_interval_s
-        wake = self.readiness.next_check_in()
-        return min(delay, wake) if wake is not None else delay
+    async def _look_when_due(self) -> None:
+        """Look again at each waiting file when it is due (a stable file at the end of
+        its settle, a file that was open for writing after a backoff): it is claimed
+        then, not at the next periodic scan."""
+        while True:
+            self._look_now = anyio.Event()
+            due = self.readiness.next_due()
+            delay = self.settings.scan_interval_s if due is None else due - time.monotonic()
+            if delay > 0:
+                with anyio.move_on_after(delay):
+                    await self._look_now.wait()
+                continue
+            for route, rel in self.readiness.take_due(time.monotonic()):
+                await self._look_again(self._routes[route], rel)
+
+    def _look_sooner(self) -> None:
+        self._look_now.set()
+
+    async def _look_again(self, route: Route, rel: bytes) -> None:
+        if route.name in self._ordered:
+            self.request_scan()  # an ordered lane takes files oldest first: scan
+        elif self.readiness.is_ready(route, rel, None):
+            await self._found(route.name, rel, from_watcher=True)
 
     def request_scan(self, subdir: bytes | None = None) -> None:
         """Ask for a scan soon: of one new subfolder, or (None) of everything."""
@@ -151,6 +174,8 @@ class Discovery:
             found = self._sort_chunk(chunk, tally, ordered)
             for route, rel in found:
                 await self._found(route, rel, from_watcher=False)
+            if self.readiness.take_sooner():
+                self._look_sooner()  # the walk found a file due sooner than any before
             if len(chunk) < CHUNK or self.stop.is_set():
                 break
         for _, rel, route in sorted(ordered):
@@ -377,10 +402,10 @@ class Discovery:
                 self.request_scan(rel)
             return
         if c.kind == "candidate" and c.route is not None:
-            if c.route.name in self._ordered:
-                self.request_scan()  # an ordered lane takes files oldest first: scan
-            elif self.readiness.is_ready(c.route, rel, None):
-                await self._found(c.route.name, rel, from_watcher=True)
+            self.readiness.written(rel)  # closed after writing, or renamed in
+            await self._look_again(c.route, rel)
+            if self.readiness.take_sooner():
+                self._look_sooner()
         elif c.kind == "companion" and c.route is not None:
             self.request_scan()  # a marker or checksum arrived: its file may be ready now
 

@@ -4,6 +4,7 @@ Configure as `{kind: python, callable: "recording_importer:record", options: {sl
 each run appends a JSON line to $FILEDOCK_TEST_RECORD.
 """
 
+import hashlib
 import json
 import os
 import time
@@ -27,6 +28,7 @@ async def record(job: ImportJob, sleep_s: float = 0.0) -> dict[str, object]:
         "started": started,
         "ended": time.time(),
         "size": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),  # what the importer was given
     }
     with open(os.environ["FILEDOCK_TEST_RECORD"], "a") as f:
         f.write(json.dumps(line) + "\n")

@@ -6,6 +6,8 @@ import json
 
 from conftest import FiledockTree
 
+from service.readiness import BUSY_REASON
+
 
 def test_status_jobs_show_and_retry(tree: FiledockTree) -> None:
     tree.configure()
@@ -65,3 +67,24 @@ def test_a_second_process_on_one_sqlite_ledger_is_refused(tree: FiledockTree) ->
     assert "PostgreSQL" in second.stderr
     assert service.stop() == 0
     assert tree.run_once().returncode == 0  # the lock goes with the process
+
+
+def test_a_file_open_for_writing_waits_for_its_writer(tree: FiledockTree) -> None:
+    """`status` says why the file waits; `run --once` leaves it where it is."""
+    tree.configure()
+    with open(tree.transfer / "upload.csv", "wb") as writer:
+        writer.write(b"half of it")
+        writer.flush()
+        status = json.loads(tree.cli("status", "--json").stdout)
+        assert status["waiting_in_transfer"] == [
+            {"path": "upload.csv", "route": "main", "reason": BUSY_REASON}
+        ]
+        result = tree.run_once()
+        assert result.returncode == 0, result.stdout[-2000:]
+        assert "not claimed: open for writing" in result.stdout
+        assert tree.rows() == []
+        writer.write(b" and the rest\n")
+    assert tree.run_once().returncode == 0
+    assert [(r["name"], r["size"], r["state"]) for r in tree.rows()] == [
+        (b"upload.csv", len(b"half of it and the rest\n"), "done")
+    ]

@@ -55,15 +55,30 @@ def test_backlog_and_live_files_are_archived_with_a_manifest(tree: FiledockTree)
     assert {"ts", "level", "job_id", "route", "name", "state", "elapsed_s"} <= set(archived[0])
 
 
+# What each client writes before it renames (tests/test_uploaders.py runs the real ones).
+CLIENT_TEMP_NAMES = [
+    "a.tmp",
+    "a.temp",
+    ".a.csv.Xy12Ab",  # rsync
+    ".in.a.csv.",  # lftp xfer:use-temp-file
+    "a.csv.ef15d4d0.partial",  # rclone
+    "a.csv.part",  # Firefox, sftp `put a.csv.part`
+    "a.csv.filepart",  # WinSCP
+    "a.csv.crdownload",  # Chrome
+    "a.csv.download",  # Safari
+    "a.csv.writing",  # Spring Integration
+    "a.csv.inprogress",  # Camel
+    "~$a.xlsx",  # Office
+]
+
+
 def test_temp_names_are_never_claimed(tree: FiledockTree) -> None:
     tree.configure()
-    for name in ("a.tmp", "b.part", "c.filepart", "d.crdownload", ".hidden.csv"):
+    for name in CLIENT_TEMP_NAMES:
         (tree.transfer / name).write_bytes(b"partial")
     tree.drop("real.csv")
     assert tree.run_once().returncode == 0
-    assert sorted(p.name for p in tree.transfer.iterdir()) == sorted(
-        ["a.tmp", "b.part", "c.filepart", "d.crdownload", ".hidden.csv"]
-    )
+    assert sorted(p.name for p in tree.transfer.iterdir()) == sorted(CLIENT_TEMP_NAMES)
     assert [r["name"] for r in tree.rows()] == [b"real.csv"]
 
 

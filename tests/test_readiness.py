@@ -117,6 +117,23 @@ def test_stalled_upload_is_reported(tree: FiledockTree) -> None:
     service.stop()
 
 
+def test_stalled_upload_under_its_final_name_is_reported(tree: FiledockTree) -> None:
+    """A writer that keeps its file open and stops writing: never claimed, reported as a
+    stalled upload; claimed as soon as it closes the file."""
+    tree.configure([command_route(stalled_after_s=1.0)], scan_interval_s=0.5)
+    service = tree.start()
+    with open(tree.transfer / "upload.csv", "wb") as writer:
+        writer.write(b"half of it")
+        writer.flush()
+        wait_for(lambda: service.metric("filedock_stalled_uploads") == 1, what="the stall metric")
+        assert "upload stalled" in service.log()
+        assert tree.rows() == []
+        writer.write(b" and the rest\n")
+    tree.wait_final(1)
+    assert [(r["size"], r["state"]) for r in tree.rows()] == [(24, "done")]
+    service.stop()
+
+
 def test_files_inside_a_new_subfolder_are_found(tree: FiledockTree) -> None:
     tree.configure(scan_interval_s=60)  # only events and the new-folder scan can find them
     service = tree.start()

@@ -125,6 +125,15 @@ def test_file_changed_after_its_claim_is_never_archived(
     leftovers = [str(p) for p in rtree.folder("archive").rglob("*") if ".tmp" in str(p)]
     assert not leftovers, f"left in archive/: {leftovers}"
     rtree.check_invariants({b"changing.csv": content})
+    # The operator retries it (with an importer that leaves it alone): the file is
+    # imported and archived as it is now.
+    now = (folder / "changing.csv").read_bytes()
+    rtree.configure([python_route("quick")], min_free_bytes=0)
+    assert rtree.cli("retry", row["id"]).returncode == 0
+    assert rtree.run_once().returncode == 0
+    row = rtree.rows()[0]
+    assert (row["state"], row["sha256"]) == ("done", hashlib.sha256(now).hexdigest()), row
+    rtree.check_invariants({b"changing.csv": now})
 
 
 # -- the same name twice -------------------------------------------------------------------
