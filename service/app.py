@@ -21,19 +21,24 @@ from pathlib import Path
 import anyio
 from anyio.abc import TaskGroup
 
+from service.discovery.intake import Intake
+from service.discovery.readiness import Readiness
+from service.discovery.routes import Router
+from service.discovery.watcher import Discovery, detect_watch_mode
 from service.errors import StartupError
-from service.fsutil import filesystem_type, is_network_filesystem, libc, probe_same_filesystem
-from service.http import Health, build_http_app, serve_http
-from service.intake import Intake
+from service.face.http import Health, build_http_app, serve_http
+from service.face.metrics import Metrics
 from service.ledger import JobRecord, Ledger, ledger_for_url
-from service.metrics import Metrics
 from service.pipeline import Pipeline
-from service.readiness import Readiness
-from service.reaper import Reaper
-from service.recovery import Recovery
-from service.routes import Router
 from service.settings import Settings
-from service.watcher import Discovery, detect_watch_mode
+from service.storage.fsutil import (
+    filesystem_type,
+    is_network_filesystem,
+    libc,
+    probe_same_filesystem,
+)
+from service.upkeep.reaper import Reaper
+from service.upkeep.recovery import Recovery
 
 __all__ = ["App"]
 
@@ -160,9 +165,9 @@ class App:
             recovery = Recovery(s, ledger, m, router)
             report = await recovery.run()
             health.recovery_done = True
-            await pipeline.run_stages(tg)
+            for name, task in pipeline.tasks():
+                tg.start_soon(task, name=name)
             tg.start_soon(self._resume_all, pipeline, report.resume)
-            tg.start_soon(pipeline.run_heartbeat)
             if not self.once:
                 tg.start_soon(self._take_over, recovery, pipeline)
             tg.start_soon(self._gauges, pipeline, discovery, ledger, health)
@@ -178,6 +183,8 @@ class App:
                 discovery.stop.set()
                 await self._graceful_stop(pipeline)
             tg.cancel_scope.cancel()
+        intake.close()
+        pipeline.close()
         t = pipeline.tally
         log.info(
             "filedock stopped",
@@ -186,7 +193,7 @@ class App:
                 "failed": t.failed,
                 "retried": t.retried,
                 "outcomes": t.by_outcome,
-                "in_flight_left": len(pipeline.active),
+                "in_flight_left": len(pipeline.in_flight),
                 "uptime_s": round(time.monotonic() - started, 3),
             },
         )
@@ -217,13 +224,13 @@ class App:
                     return
 
     async def _graceful_stop(self, pipeline: Pipeline) -> None:
-        pipeline.draining = True
+        pipeline.stop_imports()
         with anyio.move_on_after(self.settings.shutdown_grace_s) as scope:
             await pipeline.wait_idle(include_intake=False)
         if scope.cancelled_caught:
             log.warning(
                 "grace period over: cancelling imports still running",
-                extra={"in_flight": len(pipeline.active)},
+                extra={"in_flight": len(pipeline.in_flight)},
             )
 
     async def _take_over(self, recovery: Recovery, pipeline: Pipeline) -> None:
@@ -231,7 +238,7 @@ class App:
         while True:
             await anyio.sleep(self.settings.lease_s / 2)
             try:
-                jobs = await recovery.take_over(set(pipeline.active))
+                jobs = await recovery.take_over(set(pipeline.in_flight.jobs))
             except Exception as e:
                 self.metrics.ledger_errors.inc()
                 log.error("lease take-over failed", extra={"error": repr(e)[:300]})
@@ -272,7 +279,8 @@ class App:
             m.backlog_files.labels("proc").set(waiting_jobs)
             m.backlog_files.labels("failed").set(counts.get("failed", 0))
             oldest = min(
-                [discovery.oldest_mtime or now] + [j.detected_at for j in pipeline.active.values()]
+                [discovery.oldest_mtime or now]
+                + [j.record.detected_at for j in pipeline.in_flight.jobs.values()]
             )
             m.oldest_waiting_age.set(max(0.0, now - oldest))
             await anyio.sleep(5.0)

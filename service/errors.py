@@ -1,7 +1,7 @@
 """The small error hierarchy: control flow for importers, and classified failures.
 
 `Retry` and `Reject` are what importers raise; `JobError` carries one of the
-contract's error classes (CONTRACTS.md) to the ledger, `error.json` and metrics.
+contract's error classes (docs/contracts.md) to the ledger, `error.json` and metrics.
 """
 
 from __future__ import annotations

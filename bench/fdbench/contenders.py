@@ -21,9 +21,9 @@ from typing import Any
 import yaml
 
 from fdbench.common import BenchError, cpu_seconds, free_port, mem_kib, wait_until
-from service.fsutil import syncfs  # the barrier filedock's own group commit uses
-from service.ledger.sqlite import _SCHEMA as LEDGER_SCHEMA  # filedock's own tables
+from service.ledger.sqlite_writer import _SCHEMA as LEDGER_SCHEMA  # filedock's own tables
 from service.settings import Settings
+from service.storage.fsutil import syncfs  # the barrier filedock's own group commit uses
 
 BATCH: int = Settings.model_fields["batch_max_files"].default  # filedock's group commit
 
@@ -37,7 +37,7 @@ def run_floor(transfer: Path, proc: Path, archive_day: Path) -> dict[str, Any]:
 
     Per file: rename transfer/ -> proc/, read, gzip (level 6) into `<name>.gz.tmp`
     in the archive day folder, fsync it, rename it into place, fsync the day folder,
-    unlink the source (PERF-NOTES' floor: two fsyncs a file).
+    unlink the source (two fsyncs a file).
     """
     archive_day.mkdir(parents=True, exist_ok=True)
     proc.mkdir(parents=True, exist_ok=True)
@@ -81,11 +81,11 @@ def run_layout_floor(
 ) -> dict[str, Any]:
     """The file-system work filedock's layout asks for, with its group commit.
 
-    The folders DESIGN.md and CONTRACTS.md fix, per file: `mkdir proc/<id>`, rename the
+    The folders of filedock's layout, per file: `mkdir proc/<id>`, rename the
     file into it, read it, `mkdir <id>.tmp` in the archive day folder, gzip into it,
     write a small `manifest.json`, rename the folder to `<id>`, unlink the source and
     rmdir its folder: four new inodes where the floor makes one. Made durable as
-    filedock does (PERF-NOTES' group commit): per batch of filedock's default
+    filedock does (a group commit): per batch of filedock's default
     `batch_max_files`, one `syncfs()` after the claims, one after the builds, one after
     the renames. No watcher, no ledger, no checks: the file work alone, which filedock
     cannot beat.

@@ -73,7 +73,7 @@ class PythonImporter:
         """A sync callable's imports, in turn, several to a worker thread's call.
 
         A call starts a further job only within `GROUP_BUDGET_S` of its own start: quick
-        imports share the cost of a thread hand-off, a slow one runs alone as before.
+        imports share the cost of a thread hand-off, a slow one runs alone.
         Each job has its whole `timeout_s` (and up to the budget more); when it runs
         out, the thread is abandoned as `__call__` abandons it, and the jobs after the
         one that hung go on in a fresh call.

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, Protocol
 
-from service.names import display_name, name_b64, rfc3339
+from service.storage.names import display_name, name_b64, rfc3339
 
 __all__ = [
     "COLUMNS",
@@ -71,7 +71,7 @@ class JobRecord:
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        """The contract's JSON form (CONTRACTS.md): names escaped, times RFC 3339 UTC."""
+        """The contract's JSON form (docs/contracts.md): names escaped, times RFC 3339 UTC."""
         return {
             "id": self.id,
             "route": self.route,

@@ -1,76 +1,32 @@
-"""The embedded SQLite ledger: WAL, one writer thread with group commit.
+"""The embedded SQLite ledger: WAL, one writer thread with group commit
+(`sqlite_writer.py`), and the ledger's operations as SQL.
 
-Every operation is queued to a single thread that owns the connection. The thread
-takes everything queued, runs it in one transaction (each operation under its own
-savepoint, so one failure does not undo the others) and commits once. A caller's
-coroutine returns only after the commit.
-
-Durability follows the protocol's ordering rather than fsyncing every commit
-(PERF-NOTES.md): WAL with `synchronous=NORMAL` survives any crash of the process;
-against power loss, the claim's row (`insert`) must be on disk before the claim
-rename, so a batch holding an insert fsyncs the WAL before its callers resume.
-Later transitions follow durable filesystem steps (the archive, the move to
-failed/) that recovery reconciles from, so they need no fsync of their own.
+Durability follows the protocol's ordering rather than fsyncing every commit: WAL with
+`synchronous=NORMAL` survives any crash of the process; against power loss, the claim's
+row (`insert`) must be on disk before the claim rename, so a batch holding an insert
+fsyncs the WAL before its callers resume. Later transitions follow durable filesystem
+steps (the archive, the move to failed/) that recovery reconciles from, so they need no
+fsync of their own.
 """
 
 from __future__ import annotations
 
-import asyncio
-import os
-import queue
 import sqlite3
-import threading
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from service.ledger.base import (
     COLUMNS,
-    SCHEMA_VERSION,
     JobRecord,
     check_fields,
     decode_history,
     encode_history,
 )
+from service.ledger.sqlite_writer import WriterThread
 
 __all__ = ["SqliteLedger"]
 
-T = TypeVar("T")
-_Op = Callable[[sqlite3.Connection], Any]
-_Item = tuple[_Op, "asyncio.Future[Any]", bool]  # operation, its caller, needs an fsync
-_MAX_BATCH = 512
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS filedock_schema (version INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS jobs (
-    id TEXT PRIMARY KEY,
-    route TEXT NOT NULL,
-    name BLOB NOT NULL,
-    relative_path BLOB NOT NULL,
-    state TEXT NOT NULL,
-    outcome TEXT,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    size INTEGER,
-    mtime_ns INTEGER,
-    sha256 TEXT,
-    next_attempt_at REAL,
-    error_class TEXT,
-    error TEXT,
-    detected_at REAL NOT NULL,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    archive_path TEXT,
-    failed_path TEXT,
-    duplicate_of TEXT,
-    owner TEXT,
-    lease_expires_at REAL,
-    history TEXT NOT NULL DEFAULT '[]'
-);
-CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, next_attempt_at);
-CREATE INDEX IF NOT EXISTS jobs_route_sha ON jobs (route, sha256);
-CREATE INDEX IF NOT EXISTS jobs_updated ON jobs (updated_at);
-"""
 _UNFINISHED = "('claimed', 'importing', 'waiting', 'archiving')"
 
 
@@ -98,164 +54,27 @@ class SqliteLedger:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.url = f"sqlite:///{path}"
-        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    # -- lifecycle -----------------------------------------------------------------
+        self._writer = WriterThread(path)
 
     async def open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._loop = asyncio.get_running_loop()
-        ready: asyncio.Future[None] = self._loop.create_future()
-        self._thread = threading.Thread(
-            target=self._run, args=(ready,), name="filedock-ledger", daemon=True
-        )
-        self._thread.start()
-        try:
-            await ready
-        except asyncio.CancelledError:
-            self._queue.put(None)  # the thread stops, closing its connection, once connected
-            self._thread = None
-            raise
-        except BaseException:
-            self._thread = None  # the thread has ended: close() must not queue a stop for it
-            raise
+        await self._writer.open()
 
     async def close(self) -> None:
-        if self._thread is None:
-            return
-        self._queue.put(None)
-        thread, self._thread = self._thread, None
-        await asyncio.get_running_loop().run_in_executor(None, thread.join)
-
-    def _connect(self) -> sqlite3.Connection:
-        # Two processes opening a new file at once (the service and a CLI command) can
-        # get SQLITE_BUSY where SQLite skips the busy handler to avoid a deadlock
-        # (switching to WAL): start over until the other one is done.
-        deadline = time.monotonic() + 10.0
-        while True:
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            try:
-                self._prepare(conn)
-            except sqlite3.OperationalError as e:
-                conn.close()
-                if "locked" not in str(e) or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.01)
-                continue
-            except BaseException:
-                conn.close()
-                raise
-            return conn
-
-    def _prepare(self, conn: sqlite3.Connection) -> None:
-        conn.row_factory = sqlite3.Row
-        conn.execute("PRAGMA busy_timeout=5000")
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        # Schema and version in one write transaction, so that two processes creating
-        # the file together do not both insert a version.
-        conn.executescript("BEGIN IMMEDIATE;" + _SCHEMA)
-        try:
-            version = conn.execute("SELECT version FROM filedock_schema").fetchone()
-            if version is None:
-                conn.execute("INSERT INTO filedock_schema (version) VALUES (?)", (SCHEMA_VERSION,))
-            elif version[0] > SCHEMA_VERSION:
-                raise RuntimeError(
-                    f"{self.path} has ledger schema {version[0]}, newer than this filedock "
-                    f"({SCHEMA_VERSION}): upgrade filedock"
-                )
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-
-    def _run(self, ready: asyncio.Future[None]) -> None:
-        assert self._loop is not None
-        loop = self._loop
-        try:
-            conn = self._connect()
-        except BaseException as e:  # report any failure to open, then stop the thread
-            _notify(loop, _settle, ready, None, e)
-            return
-        _notify(loop, _settle, ready, None, None)
-        try:
-            self._serve(conn, loop)
-        finally:
-            conn.close()
-
-    def _serve(self, conn: sqlite3.Connection, loop: asyncio.AbstractEventLoop) -> None:
-        stop = False
-        while not stop:
-            item = self._queue.get()
-            batch: list[_Item] = []
-            while item is not None:
-                batch.append(item)
-                if len(batch) >= _MAX_BATCH:
-                    break
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-            else:
-                stop = True
-            if batch:
-                results = self._run_batch(conn, batch)
-                _notify(loop, _settle_all, results)
-
-    def _run_batch(
-        self, conn: sqlite3.Connection, batch: list[_Item]
-    ) -> list[tuple[asyncio.Future[Any], Any, BaseException | None]]:
-        results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            for op, fut, _ in batch:
-                conn.execute("SAVEPOINT op")
-                try:
-                    value = op(conn)
-                except Exception as e:
-                    conn.execute("ROLLBACK TO op")
-                    results.append((fut, None, e))
-                else:
-                    results.append((fut, value, None))
-                conn.execute("RELEASE op")
-            conn.execute("COMMIT")
-            if any(durable for _, _, durable in batch):
-                self._fsync_wal()
-        except (sqlite3.Error, OSError) as e:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            return [(fut, None, e) for _, fut, _ in batch]
-        return results
-
-    def _fsync_wal(self) -> None:
-        fd = os.open(f"{self.path}-wal", os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    async def _call(self, op: Callable[[sqlite3.Connection], T], *, durable: bool = False) -> T:
-        if self._thread is None or self._loop is None:
-            raise RuntimeError("the ledger is not open")
-        fut: asyncio.Future[T] = self._loop.create_future()
-        self._queue.put((op, fut, durable))
-        return await fut
+        await self._writer.close()
 
     # -- operations ----------------------------------------------------------------
 
     async def ping(self) -> None:
         """A real write (rolled into the batch's commit): a ledger that can no longer be
         written (disk full, read-only, immutable) fails here, not on the next claim."""
-        await self._call(lambda c: c.execute("UPDATE filedock_schema SET version = version"))
+        await self._writer.call(lambda c: c.execute("UPDATE filedock_schema SET version = version"))
 
     async def insert(self, records: Sequence[JobRecord]) -> None:
         if not records:
             return
         sql = f"INSERT INTO jobs ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
         rows = [_record_values(r) for r in records]
-        await self._call(lambda c: c.executemany(sql, rows), durable=True)
+        await self._writer.call(lambda c: c.executemany(sql, rows), durable=True)
 
     async def update(
         self, job_id: str, fields: Mapping[str, Any], *, expect_state: str | None = None
@@ -267,7 +86,7 @@ class SqliteLedger:
         if expect_state is not None:
             sql += " AND state = ?"
             params.append(expect_state)
-        changed: int = await self._call(lambda c: c.execute(sql, params).rowcount)
+        changed: int = await self._writer.call(lambda c: c.execute(sql, params).rowcount)
         return changed > 0
 
     async def update_many(self, changes: Sequence[tuple[str, Mapping[str, Any]]]) -> None:
@@ -282,14 +101,14 @@ class SqliteLedger:
                 c.execute(sql, params)
 
         if statements:
-            await self._call(op)
+            await self._writer.call(op)
 
     async def delete(self, job_ids: Sequence[str]) -> None:
         ids = [(i,) for i in job_ids]
-        await self._call(lambda c: c.executemany("DELETE FROM jobs WHERE id = ?", ids))
+        await self._writer.call(lambda c: c.executemany("DELETE FROM jobs WHERE id = ?", ids))
 
     async def get(self, job_id: str) -> JobRecord | None:
-        row = await self._call(
+        row = await self._writer.call(
             lambda c: c.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         )
         return _row_to_record(row) if row is not None else None
@@ -317,11 +136,11 @@ class SqliteLedger:
         if limit is not None:
             sql += " LIMIT ?"
             params.append(limit)
-        rows = await self._call(lambda c: c.execute(sql, params).fetchall())
+        rows = await self._writer.call(lambda c: c.execute(sql, params).fetchall())
         return [_row_to_record(r) for r in rows]
 
     async def counts(self) -> dict[str, int]:
-        rows = await self._call(
+        rows = await self._writer.call(
             lambda c: c.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall()
         )
         return {state: n for state, n in rows}
@@ -340,7 +159,7 @@ class SqliteLedger:
             )
             return rows
 
-        rows = await self._call(op)
+        rows = await self._writer.call(op)
         records = [_row_to_record(r) for r in rows]
         for r in records:
             r.state, r.owner, r.lease_expires_at, r.updated_at = (
@@ -368,13 +187,13 @@ class SqliteLedger:
             )
             return rows
 
-        records = [_row_to_record(r) for r in await self._call(op)]
+        records = [_row_to_record(r) for r in await self._writer.call(op)]
         for r in records:
             r.owner, r.lease_expires_at = owner, now + lease_s
         return records
 
     async def renew_leases(self, owner: str, until: float) -> None:
-        await self._call(
+        await self._writer.call(
             lambda c: c.execute(
                 f"UPDATE jobs SET lease_expires_at = ? WHERE owner = ? AND state IN {_UNFINISHED}",
                 (until, owner),
@@ -382,7 +201,7 @@ class SqliteLedger:
         )
 
     async def find_done_by_sha256(self, route: str, sha256: str, since: float) -> str | None:
-        row = await self._call(
+        row = await self._writer.call(
             lambda c: c.execute(
                 "SELECT id FROM jobs WHERE route = ? AND sha256 = ? AND state = 'done'"
                 " AND outcome IS NOT 'duplicate' AND created_at >= ? ORDER BY id LIMIT 1",
@@ -393,7 +212,7 @@ class SqliteLedger:
 
     async def older_than(self, states: Sequence[str], before: float, limit: int) -> list[JobRecord]:
         marks = ", ".join("?" * len(states))
-        rows = await self._call(
+        rows = await self._writer.call(
             lambda c: c.execute(
                 f"SELECT * FROM jobs WHERE state IN ({marks}) AND updated_at < ?"
                 " ORDER BY updated_at, id LIMIT ?",
@@ -401,24 +220,3 @@ class SqliteLedger:
             ).fetchall()
         )
         return [_row_to_record(r) for r in rows]
-
-
-def _notify(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *args: Any) -> None:
-    try:
-        loop.call_soon_threadsafe(callback, *args)
-    except RuntimeError:
-        pass  # the event loop has closed: nobody is waiting for the answer any more
-
-
-def _settle(fut: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
-    if fut.done():
-        return
-    if error is not None:
-        fut.set_exception(error)
-    else:
-        fut.set_result(value)
-
-
-def _settle_all(results: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
-    for fut, value, error in results:
-        _settle(fut, value, error)

@@ -14,7 +14,7 @@ from typing import Any
 
 from pythonjsonlogger.json import JsonFormatter
 
-from service.names import display_name
+from service.storage.names import display_name
 
 __all__ = ["get_logger", "job_fields", "setup_logging"]
 

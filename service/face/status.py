@@ -9,12 +9,12 @@ import os
 import time
 from typing import Any
 
-from service.fsutil import tree_entries
-from service.names import display_name, rfc3339
-from service.readiness import BUSY_REASON, Readiness
-from service.routes import Router
+from service.discovery.readiness import BUSY_REASON, Readiness
+from service.discovery.routes import Router
+from service.discovery.writers import LeaseCheck, open_and_check
 from service.settings import Settings
-from service.writers import LeaseCheck, open_and_check
+from service.storage.fsutil import tree_entries
+from service.storage.names import display_name, rfc3339
 
 __all__ = ["folder_report", "waiting_report"]
 

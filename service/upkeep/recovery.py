@@ -25,16 +25,16 @@ from typing import Any
 
 import anyio
 
-from service.archive import archive_dir_for, check_published, read_json
-from service.claim import payload_name, stored_name
+from service.discovery.routes import Router
 from service.errors import JobError
-from service.fsutil import Barrier
+from service.face.logs import job_fields
+from service.face.metrics import Metrics
 from service.ledger import JobRecord, Ledger
-from service.logs import job_fields
-from service.metrics import Metrics
-from service.names import rfc3339
-from service.routes import Router
 from service.settings import Settings
+from service.storage.archive import archive_dir_for, check_published, read_json
+from service.storage.claim import payload_name, stored_name
+from service.storage.fsutil import Barrier
+from service.storage.names import rfc3339
 
 __all__ = ["Recovery", "RecoveryReport"]
 

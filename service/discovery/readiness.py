@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.logs import job_fields
+from service.face.logs import job_fields
 from service.settings import Route
 
 __all__ = ["BUSY_REASON", "Readiness", "Waiting"]

@@ -21,9 +21,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from service.fsutil import free_bytes
+from service.face.metrics import Metrics
 from service.ledger import STATES, Ledger
-from service.metrics import Metrics
+from service.storage.fsutil import free_bytes
 
 __all__ = ["Health", "build_http_app", "serve_http"]
 

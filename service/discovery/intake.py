@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from service.metrics import Metrics
+from service.face.metrics import Metrics
 
 __all__ = ["Candidate", "Intake"]
 
@@ -93,5 +93,7 @@ class Intake:
         self._metrics.queue_depth.set(len(self._queued))
 
     def close(self) -> None:
-        for stream in self._send.values():
+        """Both ends of every queue, once discovery and the claimers have stopped."""
+        for name, stream in self._send.items():
             stream.close()
+            self.receive[name].close()

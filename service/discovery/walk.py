@@ -19,8 +19,8 @@ import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 
-from service.readiness import Readiness
-from service.routes import Router
+from service.discovery.readiness import Readiness
+from service.discovery.routes import Router
 from service.settings import Route
 
 __all__ = ["CHUNK", "SETTLED_S", "Found", "ScanTally", "TreeWalk", "take"]

@@ -1,6 +1,6 @@
 """The `filedock` command (`python -m service` is the same).
 
-Exit codes (a contract, CONTRACTS.md): `run --once` 0 when every job ended
+Exit codes (a contract, docs/contracts.md): `run --once` 0 when every job ended
 done, 1 when any ended failed, 2 on a configuration error; other commands 0 on
 success, 1 for not found / nothing to do, 2 for a usage or configuration error.
 """
@@ -94,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings(args.config)
         if args.command == "check-config":
             return check_config(settings)
-        from service.logs import setup_logging
+        from service.face.logs import setup_logging
 
         setup_logging(settings.log_level if args.command == "run" else "WARNING")
         commands: dict[str, Callable[[Settings, argparse.Namespace], Awaitable[int]]] = {
@@ -117,8 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def check_config(settings: Settings) -> int:
+    from service.discovery.routes import unreachable_routes
     from service.importers import build_importer
-    from service.routes import unreachable_routes
 
     problems = unreachable_routes(list(settings.routes))
     for route in settings.routes:
@@ -140,7 +140,7 @@ def check_config(settings: Settings) -> int:
 
 async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     from service.app import App
-    from service.routes import unreachable_routes
+    from service.discovery.routes import unreachable_routes
 
     problems = unreachable_routes(list(settings.routes))
     if problems:
@@ -163,7 +163,7 @@ async def _with_ledger(settings: Settings, fn: Callable[[Any], Awaitable[T]]) ->
 
 
 async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
-    from service.status import folder_report, waiting_report
+    from service.face.status import folder_report, waiting_report
 
     folders = await anyio.to_thread.run_sync(folder_report, settings)
     waiting = await anyio.to_thread.run_sync(waiting_report, settings)
@@ -252,8 +252,8 @@ async def cmd_retry(settings: Settings, args: argparse.Namespace) -> int:
 
 async def retry_job(settings: Settings, ledger: Any, job: Any) -> str | None:
     """Move a failed job's folder back to proc/ and mark it due; None when done."""
-    from service.archive import read_json
-    from service.fsutil import move_tree
+    from service.storage.archive import read_json
+    from service.storage.fsutil import move_tree
 
     if job.state != "failed":
         return f"is {job.state}, not failed: only failed jobs can be retried"
@@ -301,9 +301,9 @@ async def retry_job(settings: Settings, ledger: Any, job: Any) -> str | None:
 
 
 async def cmd_reap(settings: Settings, args: argparse.Namespace) -> int:
+    from service.face.metrics import Metrics
     from service.ledger import Ledger
-    from service.metrics import Metrics
-    from service.reaper import Reaper
+    from service.upkeep.reaper import Reaper
 
     async def go(ledger: Ledger) -> int:
         reaper = Reaper(settings, ledger, Metrics())

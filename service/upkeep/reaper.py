@@ -17,14 +17,8 @@ says in `ReapReport.more` whether a full batch was found, so more may be waiting
 With a PostgreSQL ledger only one replica reaps at a time (a session advisory lock,
 `REAPER_LOCK`); a replica that does not get it skips the pass.
 
-API (used by `filedock reap [--dry-run]` and by `app.py`)::
-
-    reaper = Reaper(settings, ledger, metrics)          # clock=time.time injectable
-    report = await reaper.reap_once(dry_run=True)       # lists, deletes nothing
-    report = await reaper.reap_once(dry_run=False)      # one batch per kind
-    while report.more and not report.skipped:           # `filedock reap`: drain it all
-        report = await reaper.reap_once(dry_run=False)
-    await reaper.run_forever()                          # in app.py's task group
+`filedock reap` calls `reap_once` until `more` is False (`--dry-run`: once, deleting
+nothing); `app.py` runs `run_forever`. The clock is injectable (`clock=time.time`).
 
 `ReapReport` holds `archive` and `failed` (paths), `ledger` (job ids), `pruned`
 (emptied date folders), `errors`, `more`, `skipped`, and has `counts()`, `render()`
@@ -51,11 +45,11 @@ import anyio
 import anyio.to_thread
 
 from service.errors import ConfigError
+from service.face.logs import get_logger
+from service.face.metrics import Metrics
 from service.ledger import FINAL_STATES, Ledger
-from service.logs import get_logger
-from service.metrics import Metrics
-from service.names import rfc3339
 from service.settings import Retention, Settings
+from service.storage.names import rfc3339
 
 __all__ = ["MIN_RETENTION_DAYS", "REAPER_LOCK", "ReapReport", "Reaper", "job_id_time"]
 

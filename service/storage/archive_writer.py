@@ -10,7 +10,7 @@ other core, and the service's process keeps its GIL for the ledger, the watcher 
 the imports.
 
 `write` and `remove` run in that worker; their arguments and results cross a pipe,
-pickled. The order of the durability protocol is the caller's, as before: it records a
+pickled. The order of the durability protocol stays the caller's: it records a
 batch `done` in the ledger after its `write`, and only then hands its jobs to be
 removed, normally along with the next batch's `write`.
 """
@@ -32,13 +32,13 @@ import anyio
 import anyio.to_process
 from anyio import BrokenWorkerProcess
 
-from service import archive as arch
 from service import crash
 from service.crash import crash_point, fsync_fault
 from service.errors import JobError
-from service.fsutil import Barrier, libc, remove_tree
 from service.importers.base import Result
 from service.ledger.base import JobRecord
+from service.storage import archive as arch
+from service.storage.fsutil import Barrier, libc, remove_tree
 
 __all__ = ["Entry", "Writer", "Written", "remove", "write"]
 

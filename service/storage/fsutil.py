@@ -1,11 +1,11 @@
 """Durable file operations: fsync of files and directories, barriers, safe moves.
 
-The rules (RELIABILITY.md): a file is fsynced before it is renamed into place and
-the directory after; a batch of such operations may share one barrier
-(`syncfs()` of the filesystem) instead of one fsync each, as long as the order
-holds: data durable before the ledger says so, the archive durable before the
-source is removed. Never `shutil.move`: a cross-device move is an explicit copy,
-fsync, rename and unlink, and only where the design allows it.
+The rules (docs/architecture.md, "Durability protocol"): a file is fsynced before it is
+renamed into place and the directory after; a batch of such operations may share one
+barrier (`syncfs()` of the filesystem) instead of one fsync each, as long as the order
+holds: data durable before the ledger says so, the archive durable before the source is
+removed. Never `shutil.move`: a cross-device move is an explicit copy, fsync, rename and
+unlink, and only where the design allows it.
 """
 
 from __future__ import annotations

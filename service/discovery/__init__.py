@@ -1,0 +1,2 @@
+"""Finding files: watching and scanning `transfer/`, routes, readiness, and the
+bounded intake between discovery and the claimer."""

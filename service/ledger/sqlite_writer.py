@@ -1,0 +1,232 @@
+"""The SQLite ledger's writer thread: it owns the one connection, creates the schema,
+and runs every operation queued to it with group commit.
+
+The thread takes everything queued, runs it in one transaction (each operation under
+its own savepoint, so one failure does not undo the others) and commits once. A
+caller's coroutine returns only after the commit; an operation marked durable (a
+claim's insert) also waits for an fsync of the WAL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from service.ledger.base import SCHEMA_VERSION
+
+__all__ = ["WriterThread"]
+
+T = TypeVar("T")
+_Op = Callable[[sqlite3.Connection], Any]
+_Item = tuple[_Op, "asyncio.Future[Any]", bool]  # operation, its caller, needs an fsync
+_MAX_BATCH = 512
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS filedock_schema (version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    route TEXT NOT NULL,
+    name BLOB NOT NULL,
+    relative_path BLOB NOT NULL,
+    state TEXT NOT NULL,
+    outcome TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    size INTEGER,
+    mtime_ns INTEGER,
+    sha256 TEXT,
+    next_attempt_at REAL,
+    error_class TEXT,
+    error TEXT,
+    detected_at REAL NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    archive_path TEXT,
+    failed_path TEXT,
+    duplicate_of TEXT,
+    owner TEXT,
+    lease_expires_at REAL,
+    history TEXT NOT NULL DEFAULT '[]'
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, next_attempt_at);
+CREATE INDEX IF NOT EXISTS jobs_route_sha ON jobs (route, sha256);
+CREATE INDEX IF NOT EXISTS jobs_updated ON jobs (updated_at);
+"""
+
+
+class WriterThread:
+    """One SQLite file's connection, in a thread of its own."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = self._loop.create_future()
+        self._thread = threading.Thread(
+            target=self._run, args=(ready,), name="filedock-ledger", daemon=True
+        )
+        self._thread.start()
+        try:
+            await ready
+        except asyncio.CancelledError:
+            self._queue.put(None)  # the thread stops, closing its connection, once connected
+            self._thread = None
+            raise
+        except BaseException:
+            self._thread = None  # the thread has ended: close() must not queue a stop for it
+            raise
+
+    async def close(self) -> None:
+        if self._thread is None:
+            return
+        self._queue.put(None)
+        thread, self._thread = self._thread, None
+        await asyncio.get_running_loop().run_in_executor(None, thread.join)
+
+    def _connect(self) -> sqlite3.Connection:
+        # Two processes opening a new file at once (the service and a CLI command) can
+        # get SQLITE_BUSY where SQLite skips the busy handler to avoid a deadlock
+        # (switching to WAL): start over until the other one is done.
+        deadline = time.monotonic() + 10.0
+        while True:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            try:
+                self._prepare(conn)
+            except sqlite3.OperationalError as e:
+                conn.close()
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+                continue
+            except BaseException:
+                conn.close()
+                raise
+            return conn
+
+    def _prepare(self, conn: sqlite3.Connection) -> None:
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA busy_timeout=5000")
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        # Schema and version in one write transaction, so that two processes creating
+        # the file together do not both insert a version.
+        conn.executescript("BEGIN IMMEDIATE;" + _SCHEMA)
+        try:
+            version = conn.execute("SELECT version FROM filedock_schema").fetchone()
+            if version is None:
+                conn.execute("INSERT INTO filedock_schema (version) VALUES (?)", (SCHEMA_VERSION,))
+            elif version[0] > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"{self.path} has ledger schema {version[0]}, newer than this filedock "
+                    f"({SCHEMA_VERSION}): upgrade filedock"
+                )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def _run(self, ready: asyncio.Future[None]) -> None:
+        assert self._loop is not None
+        loop = self._loop
+        try:
+            conn = self._connect()
+        except BaseException as e:  # report any failure to open, then stop the thread
+            _notify(loop, _settle, ready, None, e)
+            return
+        _notify(loop, _settle, ready, None, None)
+        try:
+            self._serve(conn, loop)
+        finally:
+            conn.close()
+
+    def _serve(self, conn: sqlite3.Connection, loop: asyncio.AbstractEventLoop) -> None:
+        stop = False
+        while not stop:
+            item = self._queue.get()
+            batch: list[_Item] = []
+            while item is not None:
+                batch.append(item)
+                if len(batch) >= _MAX_BATCH:
+                    break
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            else:
+                stop = True
+            if batch:
+                results = self._run_batch(conn, batch)
+                _notify(loop, _settle_all, results)
+
+    def _run_batch(
+        self, conn: sqlite3.Connection, batch: list[_Item]
+    ) -> list[tuple[asyncio.Future[Any], Any, BaseException | None]]:
+        results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for op, fut, _ in batch:
+                conn.execute("SAVEPOINT op")
+                try:
+                    value = op(conn)
+                except Exception as e:
+                    conn.execute("ROLLBACK TO op")
+                    results.append((fut, None, e))
+                else:
+                    results.append((fut, value, None))
+                conn.execute("RELEASE op")
+            conn.execute("COMMIT")
+            if any(durable for _, _, durable in batch):
+                self._fsync_wal()
+        except (sqlite3.Error, OSError) as e:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            return [(fut, None, e) for _, fut, _ in batch]
+        return results
+
+    def _fsync_wal(self) -> None:
+        fd = os.open(f"{self.path}-wal", os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    async def call(self, op: Callable[[sqlite3.Connection], T], *, durable: bool = False) -> T:
+        if self._thread is None or self._loop is None:
+            raise RuntimeError("the ledger is not open")
+        fut: asyncio.Future[T] = self._loop.create_future()
+        self._queue.put((op, fut, durable))
+        return await fut
+
+
+def _notify(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *args: Any) -> None:
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:
+        pass  # the event loop has closed: nobody is waiting for the answer any more
+
+
+def _settle(fut: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
+    if fut.done():
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(value)
+
+
+def _settle_all(results: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    for fut, value, error in results:
+        _settle(fut, value, error)

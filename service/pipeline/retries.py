@@ -1,0 +1,154 @@
+"""When jobs go back to work: due retries from the ledger, jobs resumed or recovered,
+and what the service itself must try again later.
+
+A retry's time lives in the ledger (`next_attempt_at`), so it survives a restart;
+the scheduler takes due jobs every second (`FOR UPDATE SKIP LOCKED` on PostgreSQL)
+and puts them back in their lane. `Later` holds what is tried again within this
+process only (a job set back after an unexpected failure, an archive that could
+not be written yet): a restart's recovery finds those in `proc/` anyway.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import math
+import random
+import time
+from collections.abc import Awaitable, Callable
+
+import anyio
+
+from service.errors import JobError
+from service.face.logs import job_fields
+from service.face.metrics import Metrics
+from service.ledger import JobRecord, Ledger
+from service.pipeline.job import InFlight, Job
+from service.pipeline.lanes import Lanes
+from service.pipeline.set_aside import SetAsideStage
+from service.pipeline.streams import shielded
+from service.pipeline.transitions import Transitions
+from service.settings import Route, Settings
+
+__all__ = ["Later", "Retries", "backoff"]
+
+log = logging.getLogger("filedock.pipeline")
+_DEFER_S = 5.0  # a job the service could not handle (the ledger failed) is resumed after
+
+
+class Later:
+    """Calls to make after a delay, in this process; `run` makes them in time order."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, Callable[[], Awaitable[None]]]] = []
+        self._seq = itertools.count()
+        self._wake = anyio.Event()
+
+    def call(self, delay: float, fn: Callable[[], Awaitable[None]]) -> None:
+        at = time.monotonic() + delay
+        if not self._heap or at < self._heap[0][0]:
+            self._wake.set()
+        heapq.heappush(self._heap, (at, next(self._seq), fn))
+
+    async def run(self) -> None:
+        while True:
+            self._wake = anyio.Event()
+            delay = self._heap[0][0] - time.monotonic() if self._heap else math.inf
+            if delay > 0:
+                with anyio.move_on_after(delay):
+                    await self._wake.wait()
+                continue
+            _, _, fn = heapq.heappop(self._heap)
+            await fn()
+
+
+class Retries:
+    def __init__(
+        self,
+        settings: Settings,
+        ledger: Ledger,
+        metrics: Metrics,
+        transitions: Transitions,
+        in_flight: InFlight,
+        lanes: Lanes,
+        archive: Callable[[Job], Awaitable[None]],
+        set_aside: SetAsideStage,
+        later: Later,
+    ) -> None:
+        self.settings = settings
+        self.ledger = ledger
+        self.metrics = metrics
+        self.transitions = transitions
+        self.in_flight = in_flight
+        self.lanes = lanes
+        self._archive = archive
+        self.set_aside = set_aside
+        self.later = later
+
+    async def run(self, *, interval_s: float = 1.0) -> None:
+        while True:
+            await self.dispatch_due()
+            await anyio.sleep(interval_s)
+
+    async def dispatch_due(self) -> int:
+        """Hand every due retry to its route's workers; returns how many."""
+        s = self.settings
+        due = await shielded(self.ledger.take_due(time.time(), 256, s.replica_id, s.lease_s))
+        for record in due:
+            await self.resume(record)
+        return len(due)
+
+    async def resume(self, record: JobRecord) -> None:
+        """Put a job taken from the ledger (a due retry, or recovered) back to work."""
+        if record.id in self.in_flight:
+            return
+        job = Job(record)
+        lane = self.lanes.get(record.route)
+        if lane is None:
+            await self.set_aside.fail(
+                job, JobError("unrouted", f"route {record.route!r} is no longer configured")
+            )
+            return
+        self.in_flight.hold(job)
+        if record.state == "archiving":
+            job.outcome = record.outcome or "imported"
+            await self._archive(job)
+        else:
+            await self.lanes.enqueue(lane, job)
+
+    async def wait(
+        self,
+        route: Route,
+        job: Job,
+        error_class: str,
+        message: str,
+        *,
+        defer_s: float | None = None,
+    ) -> None:
+        """The job waits for a retry (`backoff`, or the importer's `defer_s`). An
+        unordered lane lets it go: the scheduler takes it back when it is due; an
+        ordered lane keeps it in its place."""
+        delay = defer_s if defer_s is not None else backoff(route, job.record.attempts)
+        await shielded(self.transitions.retry(job, error_class, message, delay))
+        if route.order == "none":
+            self.in_flight.release(job)
+
+    def set_back(self, job: Job, error: BaseException) -> None:
+        """An unexpected failure (the ledger, or a bug): the job stays in proc/ and is
+        resumed in a few seconds."""
+        r = job.record
+        self.metrics.ledger_errors.inc()
+        log.error(
+            f"could not handle the job; it stays in proc/ and is resumed in {_DEFER_S:g}s",
+            extra=job_fields(r.id, route=r.route, name=r.name, error=repr(error)[:500]),
+            exc_info=not isinstance(error, OSError),
+        )
+        self.in_flight.release(job)
+        self.later.call(_DEFER_S, lambda: self.resume(r))
+
+
+def backoff(route: Route, attempt: int) -> float:
+    """`backoff_s` doubling per attempt, capped at `max_backoff_s`, with ±20 % jitter."""
+    base = min(route.max_backoff_s, route.backoff_s * math.pow(2, max(0, attempt - 1)))
+    return min(route.max_backoff_s, base * random.uniform(0.8, 1.2))

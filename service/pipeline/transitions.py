@@ -1,0 +1,168 @@
+"""The one place a job's state changes: each transition writes its ledger columns,
+then emits its event to the subscribers (metrics, logs, the tally).
+
+The filesystem is the truth and the ledger its index: each stage calls the
+transition after the durable fact it records (the rename, the archive's barrier,
+the move to `failed/`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from service.errors import JobError
+from service.importers import Result
+from service.ledger import JobRecord, Ledger
+from service.pipeline.events import Kind, Subscriber, Transition
+from service.pipeline.job import Job
+from service.storage import archive as arch
+
+__all__ = ["Transitions"]
+
+_IMPORTING = ("attempts", "size", "mtime_ns", "sha256", "history")
+_WAITING = ("next_attempt_at", "error_class", "error", "history")
+_ARCHIVING = ("outcome", "archive_path", "duplicate_of", "history", "sha256", "size", "mtime_ns")
+_DONE = ("outcome", "archive_path", "failed_path")
+_ARCHIVED = (*_ARCHIVING, "failed_path")  # `done` for a job never recorded `archiving`
+_FAILED = (
+    "outcome",
+    "error_class",
+    "error",
+    "failed_path",
+    "next_attempt_at",
+    "history",
+    "sha256",
+    "size",
+    "mtime_ns",
+    "attempts",
+)
+
+
+class Transitions:
+    def __init__(self, ledger: Ledger, subscribers: Sequence[Subscriber]) -> None:
+        self.ledger = ledger
+        self._subscribers = list(subscribers)
+
+    def subscribe(self, subscriber: Subscriber) -> None:
+        """One more behaviour on every state change (a notifier, a test's recorder)."""
+        self._subscribers.append(subscriber)
+
+    def emit(self, kind: Kind, job: JobRecord, at: float | None = None, **facts: Any) -> None:
+        event = Transition(kind, job, time.time() if at is None else at, **facts)
+        for subscriber in self._subscribers:
+            subscriber(event)
+
+    # -- claim ---------------------------------------------------------------------
+
+    async def insert(self, records: Sequence[JobRecord]) -> None:
+        """The rows of a claim batch, `claimed`, before the renames: a crash after a
+        rename always finds its job's row."""
+        await self.ledger.insert(records)
+
+    def claimed(self, job: Job) -> None:
+        """Its rename is done (the row says `claimed` already)."""
+        self.emit("claimed", job.record)
+
+    async def unclaimed(self, job_ids: Sequence[str]) -> None:
+        """Rows whose file was not claimed after all (gone, or open for writing)."""
+        if job_ids:
+            await self.ledger.delete(job_ids)
+
+    # -- import --------------------------------------------------------------------
+
+    async def importing(self, jobs: Sequence[Job]) -> None:
+        """Attempts counted (each job's history has the new attempt) before they run."""
+        await self.ledger.update_many([_fields(j.record, "importing", _IMPORTING) for j in jobs])
+        for job in jobs:
+            self.emit("importing", job.record)
+
+    async def retry(self, job: Job, error_class: str, message: str, delay: float) -> None:
+        """A failed attempt (or check): `waiting` until `delay` has passed."""
+        await self._wait(job.record, error_class, message, delay)
+        self.emit("retry", job.record, error_class=error_class, retry_in_s=delay)
+
+    async def set_back(self, job: Job, error_class: str, message: str, delay: float) -> None:
+        """The service could not finish a step (a move to `failed/`): `waiting` to try it
+        again; no attempt is charged for it."""
+        await self._wait(job.record, error_class, message, delay)
+        self.emit("set_back", job.record, error_class=error_class, retry_in_s=delay)
+
+    async def _wait(self, r: JobRecord, error_class: str, message: str, delay: float) -> None:
+        r.next_attempt_at = time.time() + delay
+        r.error_class, r.error = error_class, message[:4000]
+        await self.ledger.update(*_fields(r, "waiting", _WAITING))
+
+    # -- archive -------------------------------------------------------------------
+
+    @staticmethod
+    def bound_for_archive(job: Job, outcome: str, result: Result | None, archive_root: Path) -> Job:
+        """Imported (or a duplicate): what the archiver needs, in memory; `archiving`
+        is written by `archiving` or, with `done`, by `done`."""
+        r = job.record
+        r.state = "archiving"
+        r.outcome = outcome  # type: ignore[assignment]
+        r.archive_path = str(arch.archive_dir_for(archive_root, r.id))
+        job.outcome, job.result = outcome, result
+        return job
+
+    async def archiving(self, jobs: Sequence[Job]) -> None:
+        if jobs:
+            await self.ledger.update_many(
+                [_fields(j.record, "archiving", _ARCHIVING) for j in jobs]
+            )
+            for job in jobs:
+                job.recorded = True
+                self.emit("archiving", job.record)
+
+    async def done(self, jobs: Sequence[Job]) -> None:
+        """Archived and durable. Its event is emitted by `report_done`, which the archiver
+        runs beside the next batch's build."""
+        now = time.time()
+        for job in jobs:
+            job.record.state, job.done_at = "done", now
+        try:
+            await self.ledger.update_many(
+                [_fields(j.record, "done", _DONE if j.recorded else _ARCHIVED) for j in jobs]
+            )
+        except Exception:
+            for job in jobs:
+                job.record.state = "archiving"
+            raise
+
+    def report_done(self, job: Job) -> None:
+        """A job recorded `done`: its event, once."""
+        if job.reported:
+            return
+        job.reported = True
+        detail = job.result.detail if job.result else job.record.import_facts()
+        self.emit("done", job.record, job.done_at, outcome=job.outcome, detail=detail)
+
+    # -- fail ----------------------------------------------------------------------
+
+    async def failed(self, job: Job, error: JobError, outcome: str, failed_dir: Path) -> None:
+        """Moved to `failed/<id>/` with its `error.json`."""
+        r, now = job.record, time.time()
+        r.outcome = outcome  # type: ignore[assignment]
+        r.error_class, r.error = error.error_class, error.message[:4000]
+        r.failed_path, r.next_attempt_at = str(failed_dir), None
+        await self.ledger.update(*_fields(r, "failed", _FAILED))
+        self.emit(
+            "failed",
+            r,
+            now,
+            outcome=outcome,
+            error_class=error.error_class,
+            message=error.message,
+        )
+
+
+def _fields(r: JobRecord, state: str, columns: Sequence[str]) -> tuple[str, dict[str, Any]]:
+    """A job's new state, `updated_at` (now) and the named columns, for the ledger."""
+    r.state = state  # type: ignore[assignment]
+    r.updated_at = time.time()
+    fields: dict[str, Any] = {c: getattr(r, c) for c in columns}
+    fields.update(state=r.state, updated_at=r.updated_at)
+    return r.id, fields

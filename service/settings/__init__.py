@@ -1,0 +1,34 @@
+"""The configuration: one `Settings` object (`model.py`), its sections, and routes."""
+
+from service.settings.model import (
+    Settings,
+    format_validation_error,
+    load_settings,
+    read_config_file,
+)
+from service.settings.route import DEFAULT_IGNORE, Route
+from service.settings.sections import (
+    CommandImporterSettings,
+    CsvColumn,
+    CsvSqlImporterSettings,
+    Folders,
+    HttpSettings,
+    PythonImporterSettings,
+    Retention,
+)
+
+__all__ = [
+    "DEFAULT_IGNORE",
+    "CommandImporterSettings",
+    "CsvColumn",
+    "CsvSqlImporterSettings",
+    "Folders",
+    "HttpSettings",
+    "PythonImporterSettings",
+    "Retention",
+    "Route",
+    "Settings",
+    "format_validation_error",
+    "load_settings",
+    "read_config_file",
+]
