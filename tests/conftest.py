@@ -326,7 +326,7 @@ class FiledockTree:
         return [json.loads(line) for line in self.record.read_text().splitlines() if line.strip()]
 
     def check_invariants(self, dropped: dict[bytes, bytes]) -> None:
-        """RELIABILITY.md I1-I3 (and I4's at-least-once) for files dropped as {rel: content}."""
+        """docs/reliability.md I1-I3 and I4's at-least-once, for files dropped as {rel: content}."""
         rows = self.rows()
         assert len(rows) == len(dropped), f"{len(rows)} ledger rows for {len(dropped)} files"
         archived, failed = self.archived(), self.failed()

@@ -1,4 +1,4 @@
-"""The archiver's worker process (service/archive_writer.py), as an operator meets it:
+"""The archiver's worker process (service/storage/archive_writer.py), as an operator meets it:
 it may be killed, the whole process group may get a Ctrl-C, errors cross its pipe."""
 
 from __future__ import annotations

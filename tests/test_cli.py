@@ -6,7 +6,7 @@ import json
 
 from conftest import FiledockTree
 
-from service.readiness import BUSY_REASON
+from service.discovery.readiness import BUSY_REASON
 
 
 def test_status_jobs_show_and_retry(tree: FiledockTree) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import anyio
 
-from service.inotify import TreeWatch, WatchEvent
+from service.discovery.inotify import TreeWatch, WatchEvent
 
 
 async def collect(tree: TreeWatch, want: int) -> list[WatchEvent]:

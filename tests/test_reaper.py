@@ -22,10 +22,10 @@ from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
 from service.errors import ConfigError
+from service.face.metrics import Metrics
 from service.ledger import JobRecord, Ledger, ledger_for_url
-from service.metrics import Metrics
-from service.reaper import REAPER_LOCK, Reaper, ReapReport, job_id_time
 from service.settings import Retention, Settings
+from service.upkeep.reaper import REAPER_LOCK, Reaper, ReapReport, job_id_time
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC).timestamp()
 DAY = 86400.0

@@ -12,7 +12,7 @@ import anyio
 from conftest import FiledockTree
 
 from service.ledger import JobRecord, ledger_for_url
-from service.names import new_job_id
+from service.storage.names import new_job_id
 
 
 def _insert(tree: FiledockTree, **fields: object) -> JobRecord:

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from service.routes import Router, glob_to_regex, unreachable_routes
+from service.discovery.routes import Router, glob_to_regex, unreachable_routes
 from service.settings import Route
 
 

@@ -354,7 +354,7 @@ def test_rclone_default_temp_names_are_ignored(tree: FiledockTree, tmp_path: Pat
     assert proc.returncode == 0
     partial = [n for n in seen if n != "orders.csv"]
     assert partial and all(n.startswith("orders.csv.") and n.endswith(".partial") for n in partial)
-    from service.routes import Router
+    from service.discovery.routes import Router
     from service.settings import Route
 
     route = Route.model_validate(recording_route())

@@ -13,14 +13,14 @@ import pytest
 from conftest import FiledockTree, command_route, wait_for
 from prometheus_client import CollectorRegistry
 
-from service.fsutil import filesystem_type
-from service.intake import Intake
-from service.metrics import Metrics
-from service.readiness import Readiness
-from service.routes import Router
+from service.discovery.intake import Intake
+from service.discovery.readiness import Readiness
+from service.discovery.routes import Router
+from service.discovery.walk import SETTLED_S
+from service.discovery.watcher import Discovery, detect_watch_mode
+from service.face.metrics import Metrics
 from service.settings import Settings
-from service.walk import SETTLED_S
-from service.watcher import Discovery, detect_watch_mode
+from service.storage.fsutil import filesystem_type
 
 
 @pytest.mark.parametrize("mode", ["events", "poll", "scan"])

@@ -273,7 +273,7 @@ def failing_writeback_fs(base: Path, *, backing: str = "8m", size: str = "256M")
 
     A sparse 256 MB image lives on an 8 MB tmpfs and is loop-mounted: ext4 sees 256 MB
     free, accepts `write()`, and fails at writeback (fsync/syncfs return an error)
-    once the image can no longer grow. This is the "failed fsync" of RELIABILITY.md.
+    once the image can no longer grow: the "failing fsync" scenarios of docs/reliability.md.
     """
     back, mnt = base / "fault-backing", base / "fault-mnt"
     with tmpfs(back, backing):

@@ -1,4 +1,4 @@
-"""Watcher loss: scans are the truth, events only cut latency (RELIABILITY.md).
+"""Watcher loss: scans are the truth, events only cut latency (docs/reliability.md).
 
 - A burst from 8 writers renaming files in as fast as they can: every file is processed
   (a scan catches what the kernel's inotify queue dropped: `watcher_overflows_total`),

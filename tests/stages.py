@@ -1,0 +1,105 @@
+"""In-process stage tests' rig: a real Settings, a real SQLite ledger and real folders in
+tmp_path, the real pipeline wiring; a test drives the one stage it is about.
+
+Importers for these tests are below (`stages:ok`, `stages:reject`, `stages:retry`): each
+reads the claimed file, as a real importer does.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from service.discovery.intake import Intake
+from service.discovery.readiness import Readiness
+from service.errors import Reject, Retry
+from service.face.metrics import Metrics
+from service.importers import ImportJob
+from service.ledger import JobRecord
+from service.ledger.sqlite import SqliteLedger
+from service.pipeline import Pipeline, Transition
+from service.settings import Settings
+
+
+async def ok(job: ImportJob) -> dict[str, Any]:
+    return {"bytes": len(job.path.read_bytes())}
+
+
+async def reject(job: ImportJob) -> None:
+    job.path.read_bytes()
+    raise Reject("not for us")
+
+
+async def retry(job: ImportJob) -> None:
+    raise Retry("the database is busy", defer_s=30)
+
+
+@dataclass
+class Rig:
+    settings: Settings
+    ledger: SqliteLedger
+    metrics: Metrics
+    intake: Intake
+    readiness: Readiness
+    pipeline: Pipeline
+    events: list[Transition]
+
+    def folder(self, name: str) -> Path:
+        return self.settings.folder(name)
+
+    def drop(self, name: str, content: bytes) -> Path:
+        path = self.folder("transfer") / name
+        tmp = path.with_name("." + name + ".tmp")
+        tmp.write_bytes(content)
+        os.rename(tmp, path)
+        return path
+
+    def kinds(self, job_id: str) -> list[str]:
+        return [e.kind for e in self.events if e.job.id == job_id]
+
+    async def row(self, job_id: str) -> JobRecord:
+        record = await self.ledger.get(job_id)
+        assert record is not None, f"no ledger row for {job_id}"
+        return record
+
+
+@asynccontextmanager
+async def rig(tmp_path: Path, importer: str = "stages:ok", **route: Any) -> AsyncIterator[Rig]:
+    settings = Settings(
+        root=tmp_path / "data",
+        http={"enabled": False},
+        batch_max_delay_ms=0,
+        routes=[
+            {
+                "name": "main",
+                "match": "**",
+                "importer": {"kind": "python", "callable": importer},
+                "max_attempts": 3,
+                "backoff_s": 0,
+                "max_backoff_s": 0,
+                **route,
+            }
+        ],
+    )
+    for name in ("transfer", "proc", "archive", "failed", "temp", "state"):
+        settings.folder(name).mkdir(parents=True, exist_ok=True)
+    ledger = SqliteLedger(settings.folder("state") / "ledger.sqlite3")
+    await ledger.open()
+    metrics = Metrics(CollectorRegistry())
+    intake = Intake(["main"], 16, metrics)
+    readiness = Readiness(settings.folder("transfer"))
+    pipeline = Pipeline(settings, ledger, metrics, intake, readiness)
+    events: list[Transition] = []
+    pipeline.transitions.subscribe(events.append)
+    try:
+        yield Rig(settings, ledger, metrics, intake, readiness, pipeline, events)
+    finally:
+        intake.close()
+        pipeline.close()
+        await ledger.close()
