@@ -7,7 +7,9 @@ reads the claimed file, as a real importer does.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ from service.importers import ImportJob
 from service.ledger import JobRecord
 from service.ledger.sqlite import SqliteLedger
 from service.pipeline import Pipeline, Transition
+from service.pipeline.job import Job
 from service.settings import Settings
 
 
@@ -59,6 +62,36 @@ class Rig:
         tmp.write_bytes(content)
         os.rename(tmp, path)
         return path
+
+    def job_in_proc(
+        self, name: str, content: bytes, job_id: str, *, relative_path: str | None = None
+    ) -> Job:
+        """A job whose file lies claimed in `proc/<id>/` (no ledger row yet), with the
+        size, mtime and SHA-256 its claim would have recorded."""
+        folder = self.folder("proc") / job_id
+        folder.mkdir()
+        (folder / name).write_bytes(content)
+        st = (folder / name).stat()
+        now = time.time()
+        record = JobRecord(
+            id=job_id,
+            route="main",
+            name=name.encode(),
+            relative_path=(relative_path or name).encode(),
+            size=st.st_size,
+            mtime_ns=st.st_mtime_ns,
+            sha256=hashlib.sha256(content).hexdigest(),
+            detected_at=now,
+            created_at=now,
+            updated_at=now,
+        )
+        return Job(record)
+
+    async def held(self, job: Job) -> Job:
+        """Its row inserted (`claimed`) and the job held in flight, as after its claim."""
+        await self.pipeline.transitions.insert([job.record])
+        self.pipeline.in_flight.hold(job)
+        return job
 
     def kinds(self, job_id: str) -> list[str]:
         return [e.kind for e in self.events if e.job.id == job_id]

@@ -6,38 +6,16 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import time
 from pathlib import Path
 
 import anyio
 from stages import Rig, rig
 
-from service.ledger import JobRecord
 from service.pipeline.job import Job
 
 
 async def _imported(r: Rig, name: str, content: bytes) -> Job:
-    job_id = "20261207T000000000Z-0000000" + name[0]
-    (r.folder("proc") / job_id).mkdir()
-    path = r.folder("proc") / job_id / name
-    path.write_bytes(content)
-    st = path.stat()
-    now = time.time()
-    record = JobRecord(
-        id=job_id,
-        route="main",
-        name=name.encode(),
-        relative_path=name.encode(),
-        size=st.st_size,
-        mtime_ns=st.st_mtime_ns,
-        sha256=hashlib.sha256(content).hexdigest(),
-        detected_at=now,
-        created_at=now,
-        updated_at=now,
-    )
-    await r.pipeline.transitions.insert([record])
-    job = Job(record)
-    r.pipeline.in_flight.hold(job)
+    job = await r.held(r.job_in_proc(name, content, "20261207T000000000Z-0000000" + name[0]))
     return r.pipeline.transitions.bound_for_archive(job, "imported", None, r.folder("archive"))
 
 

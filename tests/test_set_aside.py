@@ -4,35 +4,19 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 from stages import rig
 
 from service.errors import JobError
-from service.ledger import JobRecord
-from service.pipeline.job import Job
 
 
 async def test_a_job_set_aside_is_complete_in_failed(tmp_path: Path) -> None:
     async with rig(tmp_path) as r:
         job_id = "20261207T000000000Z-00000001"
-        (r.folder("proc") / job_id).mkdir()
-        (r.folder("proc") / job_id / "big.csv").write_bytes(b"x" * 100)
+        job = r.job_in_proc("big.csv", b"x" * 100, job_id, relative_path="in/big.csv")
         (r.folder("temp") / job_id).mkdir()
-        now = time.time()
-        record = JobRecord(
-            id=job_id,
-            route="main",
-            name=b"big.csv",
-            relative_path=b"in/big.csv",
-            detected_at=now,
-            created_at=now,
-            updated_at=now,
-        )
-        await r.ledger.insert([record])
-        job = Job(record)
-        r.pipeline.in_flight.hold(job)
+        await r.held(job)
         await r.pipeline.set_aside.fail(job, JobError("too_large", "over max_size_bytes"))
         folder = r.folder("failed") / job_id
         assert (folder / "big.csv").read_bytes() == b"x" * 100

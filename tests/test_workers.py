@@ -10,28 +10,11 @@ from pathlib import Path
 import anyio
 from stages import Rig, rig
 
-from service.ledger import JobRecord
 from service.pipeline.job import Job
 
 
 async def _claimed(r: Rig, name: str, content: bytes) -> Job:
-    job_id = "20261207T000000000Z-0000000" + name[0]
-    (r.folder("proc") / job_id).mkdir()
-    (r.folder("proc") / job_id / name).write_bytes(content)
-    now = time.time()
-    record = JobRecord(
-        id=job_id,
-        route="main",
-        name=name.encode(),
-        relative_path=name.encode(),
-        detected_at=now,
-        created_at=now,
-        updated_at=now,
-    )
-    await r.pipeline.transitions.insert([record])
-    job = Job(record)
-    r.pipeline.in_flight.hold(job)
-    return job
+    return await r.held(r.job_in_proc(name, content, "20261207T000000000Z-0000000" + name[0]))
 
 
 async def _work(r: Rig, job: Job) -> None:
