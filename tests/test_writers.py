@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from conftest import wait_for
 
-from service.discovery.writers import LeaseCheck, open_and_check, still_idle
 from service.errors import JobError
 from service.storage.claim import claim_batch, vet
+from service.storage.writers import LeaseCheck, open_and_check, still_idle
 
 # A writer in another process: opens the file for appending, says so, and holds it
 # open until its standard input closes.
@@ -98,7 +98,7 @@ def test_a_file_of_another_owner_cannot_be_told(tmp_path: Path) -> None:
     path = shared / "theirs.csv"
     path.write_bytes(b"x\n")
     code = (
-        "import os, sys; from service.discovery.writers import open_and_check; "
+        "import os, sys; from service.storage.writers import open_and_check; "
         "fd, r = open_and_check(os.fsencode(sys.argv[1])); print(r.value)"
     )
     drop = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"]

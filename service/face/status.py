@@ -11,10 +11,10 @@ from typing import Any
 
 from service.discovery.readiness import BUSY_REASON, Readiness
 from service.discovery.routes import Router
-from service.discovery.writers import LeaseCheck, open_and_check
 from service.settings import Settings
 from service.storage.fsutil import tree_entries
 from service.storage.names import display_name, rfc3339
+from service.storage.writers import LeaseCheck, open_and_check
 
 __all__ = ["folder_report", "waiting_report"]
 

@@ -28,12 +28,12 @@ from typing import Any
 
 import orjson
 
-from service.discovery.writers import LeaseCheck, still_idle, writer_check_fd
 from service.errors import JobError
 from service.ledger.base import JobRecord
 from service.storage.claim import payload_name, still_written, stored_name
 from service.storage.fsutil import Barrier, fsync_dir, move_tree, write_durable
 from service.storage.names import display_name, name_b64, rfc3339, safe_archive_name
+from service.storage.writers import LeaseCheck, still_idle, writer_check_fd
 
 __all__ = [
     "SCHEMA_VERSION",

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from service.crash import crash_point
-from service.discovery.writers import LeaseCheck, open_and_check, still_idle, writer_check_fd
 from service.errors import JobError
 from service.storage.fsutil import Barrier
+from service.storage.writers import LeaseCheck, open_and_check, still_idle, writer_check_fd
 
 if TYPE_CHECKING:  # the archive worker process imports this module: no pydantic there
     from service.settings import Route
