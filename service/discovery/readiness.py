@@ -12,7 +12,7 @@ claimed (`writers.py`): the claim checks, and a file it finds open waits here (`
 until it is closed, announced by the watcher or looked at again after a backoff.
 
 A file that may become ready at a known time (a stable file at the end of its
-settle, a busy file at its next look) is due then: `due` hands it to discovery,
+settle, a busy file at its next look) is due then: `take_due` hands it to discovery,
 which looks at that one file rather than waiting for the next periodic scan.
 
 Temp files (ignored names) that stop growing for `stalled_after_s` are reported

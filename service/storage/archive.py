@@ -30,10 +30,9 @@ import orjson
 
 from service.errors import JobError
 from service.ledger.base import JobRecord
-from service.storage.claim import payload_name, still_written, stored_name
+from service.storage.claim import no_writer, payload_name, stored_name
 from service.storage.fsutil import Barrier, fsync_dir, move_tree, write_durable
 from service.storage.names import display_name, name_b64, rfc3339, safe_archive_name
-from service.storage.writers import LeaseCheck, still_idle, writer_check_fd
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -142,28 +141,24 @@ def _gzip_and_hash(src: bytes, dst: str, job: JobRecord) -> None:
         # lease is held until the descriptor closes): an archive is never of a prefix.
         # A writer found here makes the archiver try again later; once it has closed
         # the file, a change of content sets the job aside with the complete bytes.
-        writers = writer_check_fd(fd)
-        if writers is LeaseCheck.WRITING:
-            raise still_written()
-        if st.st_size <= _CHUNK:
-            # One byte more than its size: a file that grew since fails the hash.
-            want = st.st_size + 1
-            data = os.read(fd, want)
-            while len(data) < want and (more := os.read(fd, want - len(data))):
-                data += more
-            _check_source(hashlib.sha256(data).hexdigest(), job)
-            blob = gzip.compress(data, 6, mtime=0)
-            _check_copy(hashlib.sha256(gzip.decompress(blob)).hexdigest(), job.sha256)
-            _write_all(dst, blob)
-        else:
-            h = hashlib.sha256()
-            with open(dst, "wb") as raw, gzip.GzipFile("", "wb", 6, raw, mtime=0) as gz:
-                while chunk := os.read(fd, _CHUNK):
-                    h.update(chunk)
-                    gz.write(chunk)
-            _check_source(h.hexdigest(), job)
-        if writers is LeaseCheck.IDLE and not still_idle(fd):
-            raise still_written()
+        with no_writer(fd):
+            if st.st_size <= _CHUNK:
+                # One byte more than its size: a file that grew since fails the hash.
+                want = st.st_size + 1
+                data = os.read(fd, want)
+                while len(data) < want and (more := os.read(fd, want - len(data))):
+                    data += more
+                _check_source(hashlib.sha256(data).hexdigest(), job)
+                blob = gzip.compress(data, 6, mtime=0)
+                _check_copy(hashlib.sha256(gzip.decompress(blob)).hexdigest(), job.sha256)
+                _write_all(dst, blob)
+            else:
+                h = hashlib.sha256()
+                with open(dst, "wb") as raw, gzip.GzipFile("", "wb", 6, raw, mtime=0) as gz:
+                    while chunk := os.read(fd, _CHUNK):
+                        h.update(chunk)
+                        gz.write(chunk)
+                _check_source(h.hexdigest(), job)
     finally:
         os.close(fd)
     if st.st_size > _CHUNK:

@@ -15,6 +15,8 @@ import errno
 import hashlib
 import os
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -32,9 +34,9 @@ __all__ = [
     "Vetted",
     "claim_batch",
     "companion_suffixes",
+    "no_writer",
     "payload_name",
     "read_sidecar",
-    "still_written",
     "stored_name",
     "vet",
 ]
@@ -101,15 +103,16 @@ def claim_batch(
         if writers is LeaseCheck.WRITING:
             results.append(ClaimResult(rel, job_id, "busy"))
             continue
+        job_dir = pb + b"/" + job_id.encode()
         try:
-            result = _claim_one(src, pb + b"/" + job_id.encode(), rel, job_id, companions)
+            result = _claim_one(src, job_dir, rel, job_id, companions)
         finally:
             if fd is not None:
                 os.close(fd)  # releases the lease
         results.append(result)
         if result.status == "claimed":
             barrier.dir(Path(os.fsdecode(src)).parent)
-            barrier.dir(Path(os.fsdecode(pb + b"/" + job_id.encode())))
+            barrier.dir(Path(os.fsdecode(job_dir)))
     if any(r.status == "claimed" for r in results):
         barrier.dir(proc)
         barrier.flush()
@@ -166,9 +169,25 @@ class Vetted:
     sha256: str | None
 
 
-def still_written() -> JobError:
-    """A writer has the claimed file open (it opened it as the claim renamed it, or it
-    writes into `proc/`): the job waits, and its import gets the complete content."""
+@contextmanager
+def no_writer(fd: int) -> Iterator[None]:
+    """While the block reads the claimed file at `fd`, no process has it open for
+    writing, before or meanwhile (the lease is held until `fd` closes).
+
+    Raises:
+        JobError: (retryable) `modified_during_processing` when a writer has the file
+            open: it opened it as the claim renamed it, or it writes into `proc/`. The
+            job waits, and its import and archive get the complete content.
+    """
+    writers = writer_check_fd(fd)
+    if writers is LeaseCheck.WRITING:
+        raise _still_written()
+    yield
+    if writers is LeaseCheck.IDLE and not still_idle(fd):
+        raise _still_written()
+
+
+def _still_written() -> JobError:
     return JobError(
         "modified_during_processing",
         "a process still has the file open for writing; it is imported once it is closed",
@@ -213,12 +232,8 @@ def vet(path: bytes, *, max_size: int | None, want_hash: bool) -> Vetted:
             raise JobError(
                 "too_large", f"the file has {fst.st_size} bytes, over max_size_bytes={max_size}"
             )
-        writers = writer_check_fd(fd)
-        if writers is LeaseCheck.WRITING:
-            raise still_written()
-        digest = _sha256_fd(fd) if want_hash else None
-        if writers is LeaseCheck.IDLE and not still_idle(fd):
-            raise still_written()
+        with no_writer(fd):
+            digest = _sha256_fd(fd) if want_hash else None
         return Vetted(fst.st_size, fst.st_mtime_ns, digest)
     finally:
         os.close(fd)
