@@ -12,7 +12,8 @@ import anyio
 import psycopg
 import pytest
 
-from service.ledger import JobRecord, Ledger, ledger_for_url
+from service.ledger import DeliveryRecord, JobRecord, Ledger, ledger_for_url
+from service.ledger.base import SCHEMA_VERSION
 
 NOW = 1_800_000_000.0  # 2027-01-15, a fixed "now" for every test
 
@@ -425,9 +426,83 @@ async def test_replicas_starting_together_create_the_schema_once(
         for _ in range(4):
             tg.start_soon(start)
 
-    assert raw_execute(backend_url, "SELECT version FROM filedock_schema") == [(1,)]
+    assert raw_execute(backend_url, "SELECT version FROM filedock_schema") == [(SCHEMA_VERSION,)]
     await ledgers[0].insert([job(1)])
     assert all([await lg.get(job(1).id) == job(1) for lg in ledgers])
+
+
+# -- deliveries -----------------------------------------------------------------------
+
+
+def sink_row(job_id: str, sink: str, **fields: Any) -> DeliveryRecord:
+    values: dict[str, Any] = {"created_at": NOW - 5, "updated_at": NOW - 5}
+    values.update(fields)
+    return DeliveryRecord(job_id, sink, "orders", **values)
+
+
+async def test_deliveries_and_their_job_are_written_together_and_read_back(
+    ledger: Ledger,
+) -> None:
+    await ledger.insert([job(1), job(2)])
+    receipt = {"location": "s3://b/k", "bytes": 3, "sha256": "ab", "remote": {"etag": '"x"'}}
+    lake = sink_row(job(1).id, "lake", state="delivered", attempts=2, receipts=[receipt])
+    erp = sink_row(job(1).id, "erp", state="waiting", next_attempt_at=NOW + 60, error="503")
+    await ledger.save_deliveries([lake, erp], [(job(1).id, {"state": "delivering"})])
+    assert await ledger.deliveries(job(1).id) == [erp, lake]  # by sink name
+    assert (await ledger.get(job(1).id)).state == "delivering"  # type: ignore[union-attr]
+    erp.state, erp.attempts, erp.next_attempt_at = "delivered", 2, None
+    await ledger.save_deliveries([erp])  # a sink's row replaced, the other kept
+    assert [d.state for d in await ledger.deliveries(job(1).id)] == ["delivered", "delivered"]
+    assert await ledger.deliveries(job(2).id) == []
+    await ledger.delete([job(1).id])
+    assert await ledger.deliveries(job(1).id) == []
+
+
+async def test_delivery_backlog_counts_open_sinks_and_their_oldest(ledger: Ledger) -> None:
+    await ledger.insert([job(1), job(2), job(3)])
+    await ledger.save_deliveries(
+        [
+            sink_row(job(1).id, "lake", state="waiting", created_at=NOW - 100),
+            sink_row(job(2).id, "lake", state="pending", created_at=NOW - 50),
+            sink_row(job(3).id, "lake", state="delivered", created_at=NOW - 500),
+            sink_row(job(3).id, "erp", state="failed", created_at=NOW - 500),
+        ]
+    )
+    assert await ledger.delivery_backlog() == [("orders", "lake", 2, NOW - 100)]
+
+
+async def test_take_due_gives_a_due_delivering_job_back_without_claiming_it(
+    ledger: Ledger,
+) -> None:
+    await ledger.insert(
+        [
+            job(1, state="delivering", next_attempt_at=NOW - 1),
+            job(2, state="delivering", next_attempt_at=None),  # being delivered: not taken
+            job(3, state="delivering", next_attempt_at=NOW + 60),
+        ]
+    )
+    taken = await ledger.take_due(NOW, 10, "replica-a", 30)
+    assert [(j.id, j.state, j.next_attempt_at, j.owner) for j in taken] == [
+        (job(1).id, "delivering", None, "replica-a")
+    ]
+    row = await ledger.get(job(1).id)
+    assert row is not None and (row.state, row.next_attempt_at) == ("delivering", None)
+    assert await ledger.take_due(NOW, 10, "replica-b", 30) == []
+
+
+async def test_a_version_1_ledger_gains_the_deliveries_table(
+    open_ledger: OpenLedger, backend_url: str
+) -> None:
+    first = await open_ledger()
+    await first.insert([job(1)])
+    await first.close()
+    raw_execute(backend_url, "DROP TABLE deliveries")
+    raw_execute(backend_url, "UPDATE filedock_schema SET version = 1")
+    ledger = await open_ledger()
+    assert raw_execute(backend_url, "SELECT version FROM filedock_schema") == [(SCHEMA_VERSION,)]
+    await ledger.save_deliveries([sink_row(job(1).id, "lake")])
+    assert [d.sink for d in await ledger.deliveries(job(1).id)] == ["lake"]
+    assert await ledger.get(job(1).id) == job(1)
 
 
 async def test_postgres_advisory_lock_is_held_by_one_replica(pg_url: str) -> None:

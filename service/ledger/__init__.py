@@ -5,9 +5,30 @@ from __future__ import annotations
 from pathlib import Path
 
 from service.errors import ConfigError
-from service.ledger.base import FINAL_STATES, STATES, JobRecord, Ledger, Outcome, State
+from service.ledger.base import (
+    FINAL_STATES,
+    STATES,
+    UNFINISHED,
+    DeliveryRecord,
+    DeliveryState,
+    JobRecord,
+    Ledger,
+    Outcome,
+    State,
+)
 
-__all__ = ["FINAL_STATES", "STATES", "JobRecord", "Ledger", "Outcome", "State", "ledger_for_url"]
+__all__ = [
+    "FINAL_STATES",
+    "STATES",
+    "UNFINISHED",
+    "DeliveryRecord",
+    "DeliveryState",
+    "JobRecord",
+    "Ledger",
+    "Outcome",
+    "State",
+    "ledger_for_url",
+]
 
 
 def ledger_for_url(url: str) -> Ledger:

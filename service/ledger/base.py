@@ -16,26 +16,31 @@ from service.storage.names import display_name, name_b64, rfc3339
 
 __all__ = [
     "COLUMNS",
+    "DELIVERY_COLUMNS",
     "FINAL_STATES",
     "STATES",
+    "DeliveryRecord",
+    "DeliveryState",
     "JobRecord",
     "Ledger",
     "Outcome",
     "State",
 ]
 
-State = Literal["claimed", "importing", "waiting", "archiving", "done", "failed"]
+State = Literal["claimed", "importing", "waiting", "delivering", "archiving", "done", "failed"]
 Outcome = Literal["imported", "partial", "duplicate", "rejected", "exhausted", "set_aside"]
 STATES: Final[tuple[State, ...]] = (
     "claimed",
     "importing",
     "waiting",
+    "delivering",
     "archiving",
     "done",
     "failed",
 )
 FINAL_STATES: Final = frozenset({"done", "failed"})
-SCHEMA_VERSION: Final = 1
+UNFINISHED: Final = ("claimed", "importing", "waiting", "delivering", "archiving")
+SCHEMA_VERSION: Final = 2  # 2: the deliveries table
 
 
 @dataclass
@@ -104,7 +109,41 @@ class JobRecord:
         return {}
 
 
+DeliveryState = Literal["pending", "delivering", "delivered", "waiting", "failed"]
+
+
+@dataclass
+class DeliveryRecord:
+    """One sink's part of a job: its state, attempts, next attempt, last error and,
+    once delivered, a receipt per file sent (`receipts`, see `Receipt.to_json`)."""
+
+    job_id: str
+    sink: str
+    route: str
+    state: DeliveryState = "pending"
+    attempts: int = 0
+    next_attempt_at: float | None = None
+    error_class: str | None = None
+    error: str | None = None
+    receipts: list[dict[str, Any]] = field(default_factory=list)
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "sink": self.sink,
+            "state": self.state,
+            "attempts": self.attempts,
+            "next_attempt_at": rfc3339(self.next_attempt_at),
+            "error_class": self.error_class,
+            "error": self.error,
+            "receipts": self.receipts,
+            "updated_at": rfc3339(self.updated_at),
+        }
+
+
 COLUMNS: Final = tuple(f.name for f in dataclasses.fields(JobRecord))
+DELIVERY_COLUMNS: Final = tuple(f.name for f in dataclasses.fields(DeliveryRecord))
 UPDATABLE: Final = frozenset(COLUMNS) - {"id"}
 
 
@@ -173,7 +212,9 @@ class Ledger(Protocol):
         """Jobs per state."""
 
     async def take_due(self, now: float, limit: int, owner: str, lease_s: float) -> list[JobRecord]:
-        """Waiting jobs whose retry is due, now owned by `owner` (claimed state).
+        """Jobs whose retry is due, now owned by `owner`: a waiting one is `claimed`
+        again (its import runs); a `delivering` one stays so, with no next attempt (its
+        sinks are tried again).
 
         Several replicas may call this at once: each due job goes to exactly one.
         """
@@ -189,6 +230,21 @@ class Ledger(Protocol):
 
     async def find_done_by_sha256(self, route: str, sha256: str, since: float) -> str | None:
         """The id of a done job of `route` with this content, created after `since`."""
+
+    async def save_deliveries(
+        self,
+        deliveries: Sequence[DeliveryRecord],
+        jobs: Sequence[tuple[str, Mapping[str, Any]]] = (),
+    ) -> None:
+        """Write sinks' states (insert or replace) and set columns of jobs, in one
+        transaction: a job and its sinks never disagree after a crash."""
+
+    async def deliveries(self, job_id: str) -> list[DeliveryRecord]:
+        """A job's sinks, by name."""
+
+    async def delivery_backlog(self) -> list[tuple[str, str, int, float | None]]:
+        """Per route and sink: deliveries not yet delivered nor failed, and when the
+        oldest of them began (`created_at`)."""
 
     async def older_than(self, states: Sequence[str], before: float, limit: int) -> list[JobRecord]:
         """Final jobs last updated before `before` (for the reaper), oldest first."""

@@ -20,13 +20,38 @@ from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from service.ledger.base import COLUMNS, SCHEMA_VERSION, JobRecord, check_fields
+from service.ledger.base import (
+    COLUMNS,
+    DELIVERY_COLUMNS,
+    SCHEMA_VERSION,
+    UNFINISHED,
+    DeliveryRecord,
+    JobRecord,
+    check_fields,
+)
 
 __all__ = ["PostgresLedger"]
 
-_UNFINISHED: Final = ["claimed", "importing", "waiting", "archiving"]
+_UNFINISHED: Final = list(UNFINISHED)
+_DELIVERIES: Final = (
+    """CREATE TABLE deliveries (
+        job_id text NOT NULL,
+        sink text NOT NULL,
+        route text NOT NULL,
+        state text NOT NULL,
+        attempts integer NOT NULL DEFAULT 0,
+        next_attempt_at double precision,
+        error_class text,
+        error text,
+        receipts jsonb NOT NULL DEFAULT '[]',
+        created_at double precision NOT NULL,
+        updated_at double precision NOT NULL,
+        PRIMARY KEY (job_id, sink)
+    )""",
+    "CREATE INDEX deliveries_state ON deliveries (state, route, sink)",
+)
 
-# The version-1 schema; the same columns as SQLite, with bytea names, Unix-second
+# The current schema; the same columns as SQLite, with bytea names, Unix-second
 # double precision times and the attempt history as jsonb.
 _SCHEMA: Final[tuple[str, ...]] = (
     """CREATE TABLE jobs (
@@ -57,9 +82,10 @@ _SCHEMA: Final[tuple[str, ...]] = (
     "CREATE INDEX jobs_route_sha ON jobs (route, sha256)",
     "CREATE INDEX jobs_updated ON jobs (updated_at)",
     "CREATE INDEX jobs_owner ON jobs (owner) WHERE owner IS NOT NULL",
+    *_DELIVERIES,
 )
 # Steps from version n to n + 1, applied in order under the migration lock.
-_MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {}
+_MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {1: _DELIVERIES}
 
 # A lock key is the 64-bit hash of "<schema>:<name>", computed by the server.
 _LOCK_KEY: Final = "hashtextextended(coalesce(current_schema(), '') || ':' || %s, 0)"
@@ -74,7 +100,13 @@ def _record(row: DictRow) -> JobRecord:
 
 
 def _param(column: str, value: Any) -> Any:
-    return Jsonb(value) if column == "history" else value
+    return Jsonb(value) if column in ("history", "receipts") else value
+
+
+def _delivery(row: DictRow) -> DeliveryRecord:
+    values = dict(row)
+    values["receipts"] = list(values["receipts"] or [])
+    return DeliveryRecord(**values)
 
 
 async def _durable_commits(conn: psycopg.AsyncConnection[Any]) -> None:
@@ -257,16 +289,50 @@ class PostgresLedger:
         if not changes:
             return
         async with self._connection() as conn, conn.transaction(), conn.cursor() as cur:
-            for job_id, fields in sorted(changes, key=lambda c: c[0]):  # one lock order
-                check_fields(fields)
-                query = sql.SQL("UPDATE jobs SET {} WHERE id = %s").format(
-                    sql.SQL(", ").join(sql.SQL("{} = %s").format(sql.Identifier(k)) for k in fields)
-                )
-                await cur.execute(query, [_param(k, v) for k, v in fields.items()] + [job_id])
+            await _update_jobs(cur, changes)
 
     async def delete(self, job_ids: Sequence[str]) -> None:
         if job_ids:
-            await self._execute("DELETE FROM jobs WHERE id = ANY(%s)", (list(job_ids),))
+            async with self._connection() as conn, conn.transaction():
+                await conn.execute(
+                    "DELETE FROM deliveries WHERE job_id = ANY(%s)", (list(job_ids),)
+                )
+                await conn.execute("DELETE FROM jobs WHERE id = ANY(%s)", (list(job_ids),))
+
+    async def save_deliveries(
+        self,
+        deliveries: Sequence[DeliveryRecord],
+        jobs: Sequence[tuple[str, Mapping[str, Any]]] = (),
+    ) -> None:
+        upsert = sql.SQL(
+            "INSERT INTO deliveries ({}) VALUES ({}) ON CONFLICT (job_id, sink) DO UPDATE SET {}"
+        ).format(
+            sql.SQL(", ").join(map(sql.Identifier, DELIVERY_COLUMNS)),
+            sql.SQL(", ").join(sql.Placeholder() * len(DELIVERY_COLUMNS)),
+            sql.SQL(", ").join(
+                sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c))
+                for c in DELIVERY_COLUMNS
+                if c not in ("job_id", "sink")
+            ),
+        )
+        rows = [[_param(c, getattr(d, c)) for c in DELIVERY_COLUMNS] for d in deliveries]
+        async with self._connection() as conn, conn.transaction(), conn.cursor() as cur:
+            await _update_jobs(cur, jobs)
+            if rows:
+                await cur.executemany(upsert, rows)
+
+    async def deliveries(self, job_id: str) -> list[DeliveryRecord]:
+        rows = await self._fetch(
+            "SELECT * FROM deliveries WHERE job_id = %s ORDER BY sink", (job_id,)
+        )
+        return [_delivery(r) for r in rows]
+
+    async def delivery_backlog(self) -> list[tuple[str, str, int, float | None]]:
+        rows = await self._fetch(
+            "SELECT route, sink, count(*) AS n, min(created_at) AS oldest FROM deliveries"
+            " WHERE state IN ('pending', 'delivering', 'waiting') GROUP BY route, sink"
+        )
+        return [(r["route"], r["sink"], int(r["n"]), r["oldest"]) for r in rows]
 
     async def get(self, job_id: str) -> JobRecord | None:
         rows = await self._fetch("SELECT * FROM jobs WHERE id = %s", (job_id,))
@@ -303,10 +369,13 @@ class PostgresLedger:
 
     async def take_due(self, now: float, limit: int, owner: str, lease_s: float) -> list[JobRecord]:
         rows = await self._fetch(
-            """UPDATE jobs SET state = 'claimed', owner = %(owner)s,
-                   lease_expires_at = %(until)s, updated_at = %(now)s
+            """UPDATE jobs SET
+                   state = CASE jobs.state WHEN 'waiting' THEN 'claimed' ELSE jobs.state END,
+                   next_attempt_at = CASE jobs.state
+                       WHEN 'waiting' THEN jobs.next_attempt_at END,
+                   owner = %(owner)s, lease_expires_at = %(until)s, updated_at = %(now)s
                FROM (SELECT id FROM jobs
-                     WHERE state = 'waiting' AND next_attempt_at <= %(now)s
+                     WHERE state IN ('waiting', 'delivering') AND next_attempt_at <= %(now)s
                      ORDER BY next_attempt_at, id LIMIT %(limit)s
                      FOR UPDATE SKIP LOCKED) AS due
                WHERE jobs.id = due.id
@@ -368,6 +437,18 @@ class PostgresLedger:
             (list(states), float(before), limit),
         )
         return [_record(r) for r in rows]
+
+
+async def _update_jobs(
+    cur: psycopg.AsyncCursor[Any], changes: Sequence[tuple[str, Mapping[str, Any]]]
+) -> None:
+    """Set each job's columns, in id order: one lock order for every transaction."""
+    for job_id, fields in sorted(changes, key=lambda c: c[0]):
+        check_fields(fields)
+        query = sql.SQL("UPDATE jobs SET {} WHERE id = %s").format(
+            sql.SQL(", ").join(sql.SQL("{} = %s").format(sql.Identifier(k)) for k in fields)
+        )
+        await cur.execute(query, [_param(k, v) for k, v in fields.items()] + [job_id])
 
 
 def _redacted(url: str) -> str:

@@ -18,6 +18,9 @@ from typing import Any
 
 from service.ledger.base import (
     COLUMNS,
+    DELIVERY_COLUMNS,
+    UNFINISHED,
+    DeliveryRecord,
     JobRecord,
     check_fields,
     decode_history,
@@ -27,7 +30,8 @@ from service.ledger.sqlite_writer import WriterThread
 
 __all__ = ["SqliteLedger"]
 
-_UNFINISHED = "('claimed', 'importing', 'waiting', 'archiving')"
+_UNFINISHED = "(" + ", ".join(f"'{s}'" for s in UNFINISHED) + ")"
+_OPEN_DELIVERIES = "('pending', 'delivering', 'waiting')"
 
 
 def _row_to_record(row: sqlite3.Row) -> JobRecord:
@@ -38,10 +42,30 @@ def _row_to_record(row: sqlite3.Row) -> JobRecord:
     return JobRecord(**values)
 
 
+def _values(d: DeliveryRecord) -> list[Any]:
+    return [getattr(d, c) for c in DELIVERY_COLUMNS]
+
+
 def _record_values(record: JobRecord) -> list[Any]:
     values = [getattr(record, c) for c in COLUMNS]
     values[COLUMNS.index("history")] = encode_history(record.history)
     return values
+
+
+def _delivery(row: sqlite3.Row) -> DeliveryRecord:
+    values = dict(zip(row.keys(), tuple(row), strict=True))
+    values["receipts"] = decode_history(values["receipts"])
+    return DeliveryRecord(**values)
+
+
+def _updates(changes: Sequence[tuple[str, Mapping[str, Any]]]) -> list[tuple[str, list[Any]]]:
+    """Each job's UPDATE statement and its parameters."""
+    statements = []
+    for job_id, fields in changes:
+        check_fields(fields)
+        sql = f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ?"
+        statements.append((sql, [_encode(k, v) for k, v in fields.items()] + [job_id]))
+    return statements
 
 
 def _encode(column: str, value: Any) -> Any:
@@ -90,11 +114,7 @@ class SqliteLedger:
         return changed > 0
 
     async def update_many(self, changes: Sequence[tuple[str, Mapping[str, Any]]]) -> None:
-        statements = []
-        for job_id, fields in changes:
-            check_fields(fields)
-            sql = f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ?"
-            statements.append((sql, [_encode(k, v) for k, v in fields.items()] + [job_id]))
+        statements = _updates(changes)
 
         def op(c: sqlite3.Connection) -> None:
             for sql, params in statements:
@@ -105,7 +125,54 @@ class SqliteLedger:
 
     async def delete(self, job_ids: Sequence[str]) -> None:
         ids = [(i,) for i in job_ids]
-        await self._writer.call(lambda c: c.executemany("DELETE FROM jobs WHERE id = ?", ids))
+
+        def op(c: sqlite3.Connection) -> None:
+            c.executemany("DELETE FROM deliveries WHERE job_id = ?", ids)
+            c.executemany("DELETE FROM jobs WHERE id = ?", ids)
+
+        await self._writer.call(op)
+
+    async def save_deliveries(
+        self,
+        deliveries: Sequence[DeliveryRecord],
+        jobs: Sequence[tuple[str, Mapping[str, Any]]] = (),
+    ) -> None:
+        sql = (
+            f"INSERT OR REPLACE INTO deliveries ({', '.join(DELIVERY_COLUMNS)})"
+            f" VALUES ({', '.join('?' * len(DELIVERY_COLUMNS))})"
+        )
+        rows = [
+            [
+                encode_history(v) if c == "receipts" else v
+                for c, v in zip(DELIVERY_COLUMNS, _values(d), strict=True)
+            ]
+            for d in deliveries
+        ]
+        statements = _updates(jobs)
+
+        def op(c: sqlite3.Connection) -> None:
+            c.executemany(sql, rows)
+            for update, params in statements:
+                c.execute(update, params)
+
+        await self._writer.call(op)
+
+    async def deliveries(self, job_id: str) -> list[DeliveryRecord]:
+        rows = await self._writer.call(
+            lambda c: c.execute(
+                "SELECT * FROM deliveries WHERE job_id = ? ORDER BY sink", (job_id,)
+            ).fetchall()
+        )
+        return [_delivery(r) for r in rows]
+
+    async def delivery_backlog(self) -> list[tuple[str, str, int, float | None]]:
+        rows = await self._writer.call(
+            lambda c: c.execute(
+                "SELECT route, sink, count(*), min(created_at) FROM deliveries"
+                f" WHERE state IN {_OPEN_DELIVERIES} GROUP BY route, sink"
+            ).fetchall()
+        )
+        return [(r[0], r[1], int(r[2]), r[3]) for r in rows]
 
     async def get(self, job_id: str) -> JobRecord | None:
         row = await self._writer.call(
@@ -148,13 +215,14 @@ class SqliteLedger:
     async def take_due(self, now: float, limit: int, owner: str, lease_s: float) -> list[JobRecord]:
         def op(c: sqlite3.Connection) -> list[sqlite3.Row]:
             rows = c.execute(
-                "SELECT * FROM jobs WHERE state = 'waiting' AND next_attempt_at <= ?"
-                " ORDER BY next_attempt_at LIMIT ?",
+                "SELECT * FROM jobs WHERE state IN ('waiting', 'delivering')"
+                " AND next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?",
                 (now, limit),
             ).fetchall()
             c.executemany(
-                "UPDATE jobs SET state = 'claimed', owner = ?, lease_expires_at = ?,"
-                " updated_at = ? WHERE id = ?",
+                "UPDATE jobs SET state = CASE state WHEN 'waiting' THEN 'claimed' ELSE state END,"
+                " next_attempt_at = CASE state WHEN 'waiting' THEN next_attempt_at END,"
+                " owner = ?, lease_expires_at = ?, updated_at = ? WHERE id = ?",
                 [(owner, now + lease_s, now, r["id"]) for r in rows],
             )
             return rows
@@ -162,12 +230,11 @@ class SqliteLedger:
         rows = await self._writer.call(op)
         records = [_row_to_record(r) for r in rows]
         for r in records:
-            r.state, r.owner, r.lease_expires_at, r.updated_at = (
-                "claimed",
-                owner,
-                now + lease_s,
-                now,
-            )
+            if r.state == "waiting":
+                r.state = "claimed"
+            else:
+                r.next_attempt_at = None
+            r.owner, r.lease_expires_at, r.updated_at = owner, now + lease_s, now
         return records
 
     async def take_orphans(

@@ -57,6 +57,21 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, next_attempt_at);
 CREATE INDEX IF NOT EXISTS jobs_route_sha ON jobs (route, sha256);
 CREATE INDEX IF NOT EXISTS jobs_updated ON jobs (updated_at);
+CREATE TABLE IF NOT EXISTS deliveries (
+    job_id TEXT NOT NULL,
+    sink TEXT NOT NULL,
+    route TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL,
+    error_class TEXT,
+    error TEXT,
+    receipts TEXT NOT NULL DEFAULT '[]',
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (job_id, sink)
+);
+CREATE INDEX IF NOT EXISTS deliveries_state ON deliveries (state, route, sink);
 """
 
 
@@ -133,6 +148,8 @@ class WriterThread:
                     f"{self.path} has ledger schema {version[0]}, newer than this filedock "
                     f"({SCHEMA_VERSION}): upgrade filedock"
                 )
+            elif version[0] < SCHEMA_VERSION:  # each step only adds tables: made above
+                conn.execute("UPDATE filedock_schema SET version = ?", (SCHEMA_VERSION,))
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
