@@ -9,7 +9,15 @@ import yaml
 from conftest import FiledockTree, command_route
 
 from service.errors import ConfigError
-from service.settings import load_settings
+from service.settings import Settings, load_settings
+
+
+def _share(**options: object) -> dict[str, object]:
+    return {"name": "share", "kind": "directory", "path": "/mnt/share", **options}
+
+
+def _web(url: str, **options: object) -> dict[str, object]:
+    return {"name": "web", "kind": "http", "url": url, **options}
 
 
 def _write(path: Path, doc: dict[str, object]) -> Path:
@@ -58,6 +66,69 @@ def test_toml_works_too(tmp_path: Path) -> None:
         ),
         ({"routes": [command_route(match="../etc/*")]}, "without / or .."),
         ({"routes": [command_route(), command_route()]}, "is used twice"),
+        (
+            {"routes": [command_route(deliver=[_share(), _share()])]},
+            "two sinks are named 'share'",
+        ),
+        (
+            {"routes": [command_route(deliver=[_share(target="{customer}/{name}")])]},
+            "unknown field {customer}",
+        ),
+        (
+            {"routes": [command_route(deliver=[_share(target="/abs/{name}")])]},
+            "is absolute",
+        ),
+        (
+            {"routes": [command_route(deliver=[_share(path="relative/dir")])]},
+            "path must be absolute",
+        ),
+        (
+            {"routes": [command_route(importer="none", deliver=[_share(send="outputs")])]},
+            "importer: none makes none",
+        ),
+        (
+            {"routes": [command_route(deliver=[_web("https://{route}.example/x")])]},
+            "fields go in its path",
+        ),
+        (
+            {"routes": [command_route(deliver=[_web("https://h.example/in?x={name}")])]},
+            "no query or fragment",
+        ),
+        (
+            {"routes": [command_route(deliver=[_web("https://h.example")])]},
+            "needs a path after the host",
+        ),
+        (
+            {"routes": [command_route(deliver=[_web("https://h/{name}", retry_statuses=[503])])]},
+            "retry_statuses lists 4xx codes",
+        ),
+        (
+            {
+                "routes": [
+                    command_route(
+                        deliver=[{"name": "s", "kind": "s3", "bucket": "bkt", "key": "{x}"}]
+                    )
+                ]
+            },
+            "unknown field {x}",
+        ),
+        (
+            {
+                "routes": [
+                    command_route(
+                        deliver=[
+                            {
+                                "name": "s",
+                                "kind": "s3",
+                                "bucket": "bkt",
+                                "secret_access_key": {"env": "A", "file": "/b"},
+                            }
+                        ]
+                    )
+                ]
+            },
+            "exactly one of env or file",
+        ),
     ],
 )
 def test_bad_configuration_names_field_and_reason(
@@ -105,3 +176,35 @@ def test_missing_config_file_is_a_clear_error(tree: FiledockTree) -> None:
     tree.config = tree.base / "absent.yaml"
     r = tree.cli("check-config")
     assert r.returncode == 2 and "cannot read configuration file" in r.stderr
+
+
+def test_sinks_read_their_defaults_and_templates_render_inside_their_root() -> None:
+    from datetime import UTC, datetime
+
+    from service.delivery.template import Target, TemplateError, render
+    from service.settings.sinks import template_of
+
+    route = load_settings_doc(
+        {"routes": [command_route(importer="none", deliver=[_share(), _web("http://h/in/{name}")])]}
+    ).routes[0]
+    share, web = route.deliver
+    assert route.importer == "none"
+    assert (share.send, share.exists, share.max_attempts, share.concurrency) == (
+        "source",
+        "fail",
+        5,
+        4,
+    )
+    assert (template_of(share), template_of(web)) == ("{relative_path}", "in/{name}")
+    claimed = datetime(2026, 12, 7, 23, 59, tzinfo=UTC).timestamp()
+    target = Target("a.tar.gz", "eu/a.tar.gz", "orders", "J1", "ab" * 32, claimed)
+    assert render("{route}/{date:%Y/%m/%d}/{stem}{ext}", target) == "orders/2026/12/07/a.tar.gz"
+    climbing = Target("x", "../../etc/x", "orders", "J1", "", claimed)
+    with pytest.raises(TemplateError, match="not a plain relative path"):
+        render("{relative_path}", climbing)
+    with pytest.raises(TemplateError):
+        render("{name}/", target)  # an empty last part
+
+
+def load_settings_doc(doc: dict[str, object]) -> Settings:
+    return Settings.model_validate(doc)

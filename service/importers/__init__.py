@@ -22,9 +22,12 @@ __all__ = [
 ]
 
 
-def build_importer(route: Route, *, limiter: anyio.CapacityLimiter) -> Importer:
-    """The importer of a route; `limiter` bounds the worker threads of blocking importers."""
+def build_importer(route: Route, *, limiter: anyio.CapacityLimiter) -> Importer | None:
+    """The importer of a route (none for `importer: none`); `limiter` bounds the worker
+    threads of blocking importers."""
     s = route.importer
+    if s == "none":
+        return None
     if s.kind == "command":
         from service.importers.command import CommandImporter
 
@@ -40,7 +43,7 @@ def build_importer(route: Route, *, limiter: anyio.CapacityLimiter) -> Importer:
     raise AssertionError(f"unknown importer kind {s!r}")
 
 
-def group_importer(importer: Importer) -> GroupImporter | None:
+def group_importer(importer: Importer | None) -> GroupImporter | None:
     """`importer`, when it can take several jobs in one go: a sync python callable,
     whose quick imports then share a worker thread's call. A command or an async
     callable gains nothing, and csv-sql's imports are transactions of their own."""

@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from service.settings.sections import ImporterSettings, Section
+from service.settings.sinks import SinkSettings
 
 __all__ = ["DEFAULT_IGNORE", "NAME_RE", "Route"]
 
@@ -32,7 +33,8 @@ NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 
 
 class Route(Section):
-    """A pattern on the path relative to `transfer/`, plus how to import what it matches."""
+    """A pattern on the path relative to `transfer/`, plus how to import what it matches
+    (`importer: none`: not at all) and where to deliver it (`deliver:`)."""
 
     name: str = Field(pattern=NAME_RE)
     match: str = Field(min_length=1)
@@ -43,7 +45,8 @@ class Route(Section):
     checksum_sidecar: bool = False
     stalled_after_s: float = Field(default=600.0, gt=0)
     max_size_bytes: int | None = Field(default=None, ge=0)
-    importer: ImporterSettings
+    importer: ImporterSettings | Literal["none"]
+    deliver: list[SinkSettings] = Field(default_factory=list)
     concurrency: int = Field(default=4, ge=1)
     max_attempts: int = Field(default=5, ge=1)
     backoff_s: float = Field(default=10.0, ge=0)
@@ -77,10 +80,25 @@ class Route(Section):
             raise ValueError("partition_key needs a named group (?P<key>...)")
         return pattern
 
+    @field_validator("deliver")
+    @classmethod
+    def _sinks_distinct(cls, sinks: list[SinkSettings]) -> list[SinkSettings]:
+        names = [s.name for s in sinks]
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(
+                    f"two sinks are named {name!r}; a sink's name is unique in its route"
+                )
+        return sinks
+
     @model_validator(mode="after")
     def _consistent(self) -> Route:
         if self.order == "partition" and self.partition_key is None:
             raise ValueError("order: partition needs partition_key")
         if self.max_backoff_s < self.backoff_s:
             raise ValueError("max_backoff_s must be at least backoff_s")
+        if self.importer == "none":
+            for sink in self.deliver:
+                if sink.send == "outputs":
+                    raise ValueError(f"sink {sink.name!r} sends outputs; importer: none makes none")
         return self

@@ -1,0 +1,196 @@
+"""The sinks a route delivers to (`deliver:`), one model per kind.
+
+Credentials are never in the configuration itself: a `Secret` names the environment
+variable or the file (a mounted Kubernetes secret) that holds each one, so printing
+the settings (`check-config`) never shows a secret.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from service.delivery.template import TemplateError, check_template
+from service.settings.sections import Section
+
+__all__ = [
+    "DirectorySink",
+    "HttpSink",
+    "S3Sink",
+    "Secret",
+    "SinkSettings",
+    "template_of",
+]
+
+_SINK_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+
+
+class Secret(Section):
+    """Where a credential is read from: `env` (a variable's name) or `file` (a path,
+    trailing newline dropped). Read when the sink opens, never printed."""
+
+    env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    file: Path | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Secret:
+        if (self.env is None) == (self.file is None):
+            raise ValueError("a secret names exactly one of env or file")
+        return self
+
+    def read(self) -> str:
+        """The secret's value; `ValueError` naming the source when it is not there."""
+        if self.env is not None:
+            value = os.environ.get(self.env)
+            if value is None:
+                raise ValueError(f"environment variable {self.env} is not set")
+            return value
+        assert self.file is not None
+        try:
+            return self.file.read_text(encoding="utf-8").rstrip("\r\n")
+        except OSError as e:
+            raise ValueError(f"cannot read secret file {self.file}: {e.strerror}") from None
+
+
+class _Sink(Section):
+    """What every sink has: a name unique in its route, what it sends, how often it
+    tries, how many deliveries run at once, and when it pauses."""
+
+    name: str = Field(pattern=_SINK_NAME)
+    send: Literal["source", "outputs"] = "source"
+    exists: Literal["fail", "replace"] = "fail"
+    max_attempts: int = Field(default=5, ge=1)
+    backoff_s: float = Field(default=10.0, ge=0)
+    max_backoff_s: float = Field(default=3600.0, ge=0)
+    concurrency: int = Field(default=4, ge=1, le=256)
+    timeout_s: float = Field(default=300.0, gt=0)
+    breaker_failures: int = Field(default=5, ge=1)
+    breaker_pause_s: float = Field(default=60.0, gt=0)
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> _Sink:
+        if self.max_backoff_s < self.backoff_s:
+            raise ValueError("max_backoff_s must be at least backoff_s")
+        return self
+
+
+def _template(value: str) -> str:
+    try:
+        return check_template(value)
+    except TemplateError as e:
+        raise ValueError(str(e)) from None
+
+
+class S3Sink(_Sink):
+    """An S3 bucket (AWS or an S3-compatible store: `endpoint_url`, `path_style`)."""
+
+    kind: Literal["s3"]
+    bucket: str = Field(min_length=3, max_length=63)
+    key: str = "{route}/{date:%Y/%m/%d}/{name}"
+    prefix: str = ""
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+    path_style: bool = False
+    access_key_id: Secret = Secret(env="AWS_ACCESS_KEY_ID")
+    secret_access_key: Secret = Secret(env="AWS_SECRET_ACCESS_KEY")
+    # `sha256`: the store checks the body against x-amz-checksum-sha256; `none`: no
+    # checksum header (stores that reject it). Either way a HEAD checks size and our
+    # x-amz-meta-sha256 after the upload.
+    checksum: Literal["sha256", "none"] = "sha256"
+    # botocore's own CRC checksums, which some S3-compatible stores reject.
+    request_checksum_calculation: Literal["when_required", "when_supported"] = "when_required"
+    response_checksum_validation: Literal["when_required", "when_supported"] = "when_required"
+    # Stores without conditional writes (If-None-Match) are checked with a HEAD first.
+    conditional_writes: bool = True
+    # A single PUT's ETag is its MD5 and is checked as one; false for buckets where it
+    # is not (AWS SSE-KMS or SSE-C encryption).
+    etag_is_md5: bool = True
+    multipart_threshold_bytes: int = Field(default=64 << 20, ge=5 << 20)
+    part_size_bytes: int = Field(default=16 << 20, ge=5 << 20, le=5 << 30)
+    storage_class: str | None = None
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, key: str) -> str:
+        return _template(key)
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix_relative(cls, prefix: str) -> str:
+        if prefix.startswith("/") or ".." in prefix.split("/"):
+            raise ValueError("prefix is relative to the bucket, without a leading / or ..")
+        return prefix
+
+
+class HttpSink(_Sink):
+    """An HTTP endpoint that takes the file as the request body."""
+
+    kind: Literal["http"]
+    url: str
+    method: Literal["PUT", "POST"] = "PUT"
+    headers: dict[str, str] = Field(default_factory=dict)
+    secret_headers: dict[str, Secret] = Field(default_factory=dict)
+    # 5xx, connection errors and timeouts are always retried; these 4xx as well.
+    retry_statuses: list[int] = Field(default_factory=lambda: [408, 425, 429])
+    verify_tls: bool = True
+    ca_file: Path | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _url_template(cls, url: str) -> str:
+        scheme, _, rest = url.partition("://")
+        host, _, path = rest.partition("/")
+        if scheme not in ("http", "https") or not host:
+            raise ValueError("url must be http://host/... or https://host/...")
+        if "{" in host:
+            raise ValueError("the scheme and host of url are fixed; fields go in its path")
+        if "?" in url or "#" in url:
+            raise ValueError("url takes no query or fragment: the path names the file")
+        if not path:
+            raise ValueError("url needs a path after the host, e.g. https://host/in/{name}")
+        return f"{scheme}://{host}/{_template(path)}"
+
+    @field_validator("retry_statuses")
+    @classmethod
+    def _four_hundreds(cls, statuses: list[int]) -> list[int]:
+        for s in statuses:
+            if not 400 <= s < 500:
+                raise ValueError(f"retry_statuses lists 4xx codes (5xx are always retried): {s}")
+        return statuses
+
+
+class DirectorySink(_Sink):
+    """A folder (another volume, a mounted share): temp name, fsync, rename."""
+
+    kind: Literal["directory"]
+    path: Path
+    target: str = "{relative_path}"
+    fsync: bool = True
+
+    @field_validator("target")
+    @classmethod
+    def _target(cls, target: str) -> str:
+        return _template(target)
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, path: Path) -> Path:
+        if not path.is_absolute():
+            raise ValueError("path must be absolute")
+        return path
+
+
+SinkSettings = Annotated[S3Sink | HttpSink | DirectorySink, Field(discriminator="kind")]
+
+
+def template_of(sink: SinkSettings) -> str:
+    """The template that places a file on `sink`: s3 `key`, directory `target`, http
+    the path of `url` (after the host, without its leading `/`)."""
+    if isinstance(sink, S3Sink):
+        return sink.key
+    if isinstance(sink, DirectorySink):
+        return sink.target
+    return sink.url.split("://", 1)[1].partition("/")[2]

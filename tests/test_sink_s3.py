@@ -1,0 +1,352 @@
+"""The S3 sink against real S3-compatible stores: SeaweedFS and rclone's S3 server.
+
+Each store is started once for the module. A test delivers real files through
+`S3Delivery` and looks at the store with a plain botocore client: the bytes and our
+`sha256` metadata are there, a second delivery finds them, other bytes are refused or
+replaced, a crashed attempt's multipart upload is aborted, a file that changed under
+us never becomes an object, and the failures a user meets (wrong secret, server down,
+missing bucket) come out as the right error class.
+
+Where the two stores differ, the test says which does what (and
+`service/delivery/s3.py` how the sink copes with both).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import tracemalloc
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from conftest import free_port
+from s3servers import S3Server, rclone_s3
+
+from service.delivery.base import Item, SinkError
+from service.delivery.s3 import S3Delivery
+from service.settings.sinks import S3Sink, Secret
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def bucket(s3_server: S3Server) -> str:
+    return s3_server.make_bucket()
+
+
+def settings(s3_server: S3Server, bucket: str, base: Path, **overrides: Any) -> S3Sink:
+    """Sink settings for `s3_server`, credentials in files (as a mounted secret)."""
+    secret = overrides.pop("secret", s3_server.secret)
+    (base / "key-id").write_text(s3_server.access_key + "\n")
+    (base / "secret").write_text(secret + "\n")
+    values: dict[str, Any] = {
+        "kind": "s3",
+        "name": "store",
+        "bucket": bucket,
+        "prefix": "in/",
+        "endpoint_url": s3_server.endpoint_url,
+        "path_style": True,
+        "access_key_id": Secret(file=base / "key-id"),
+        "secret_access_key": Secret(file=base / "secret"),
+        "multipart_threshold_bytes": 5 * MiB,
+        "part_size_bytes": 5 * MiB,
+    }
+    values.update(overrides)
+    return S3Sink(**values)
+
+
+@asynccontextmanager
+async def opened(s: S3Sink) -> AsyncIterator[S3Delivery]:
+    sink = S3Delivery(s)
+    await sink.open()
+    try:
+        yield sink
+    finally:
+        await sink.close()
+
+
+def item(base: Path, target: str, content: bytes) -> Item:
+    path = base / f"src-{hashlib.md5(target.encode('utf-8', 'surrogatepass')).hexdigest()}"
+    path.write_bytes(content)
+    return Item(
+        path=path,
+        target=target,
+        size=len(content),
+        sha256=hashlib.sha256(content).hexdigest(),
+        job_id="job-1",
+        sink="store",
+    )
+
+
+def b64(content: bytes) -> str:
+    return base64.b64encode(hashlib.sha256(content).digest()).decode()
+
+
+async def test_small_file_is_one_object_with_our_sha256(
+    s3_server: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    content = os.urandom(100_000)
+    it = item(tmp_path, "route/2026/a b+ü.csv", content)
+    async with opened(settings(s3_server, bucket, tmp_path)) as sink:
+        receipt = await sink.deliver(it)
+
+    key = "in/route/2026/a b+ü.csv"
+    assert receipt.location == f"s3://{bucket}/{key}" == sink.location(it)
+    assert (receipt.bytes, receipt.sha256, receipt.found) == (len(content), it.sha256, False)
+    assert receipt.remote["etag"] == hashlib.md5(content).hexdigest()  # a single PUT's ETag
+    assert receipt.remote["multipart"] is False and receipt.remote["parts"] == 1
+    assert receipt.remote["checksum_sha256"] == b64(content)
+    assert s3_server.keys(bucket) == [key]
+    assert s3_server.get(bucket, key) == content
+    head = s3_server.head(bucket, key)
+    assert head is not None and head["Metadata"] == {"sha256": it.sha256}
+
+
+async def test_multipart_upload_keeps_memory_to_a_part(
+    s3_server: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    content = os.urandom(22 * MiB)  # five parts of 5 MiB, the last one 2 MiB
+    it = item(tmp_path, "big.bin", content)
+    async with opened(settings(s3_server, bucket, tmp_path)) as sink:
+        tracemalloc.start()
+        try:
+            receipt = await sink.deliver(it)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    assert receipt.remote["multipart"] is True and receipt.remote["parts"] == 5
+    # The complete answer's ETag is AWS's MD5-of-MD5s with the part count, on both.
+    assert receipt.remote["etag"].endswith("-5")
+    # One part is read at a time and sent without a copy (about 7.4 MiB in all).
+    assert peak < 2 * 5 * MiB, f"peak {peak / MiB:.1f} MiB for a 22 MiB file in 5 MiB parts"
+    assert s3_server.get(bucket, "in/big.bin") == content
+    head = s3_server.head(bucket, "in/big.bin")
+    assert head is not None and head["Metadata"] == {"sha256": it.sha256}
+    assert s3_server.uploads(bucket, "in/big.bin") == []
+
+
+@pytest.mark.parametrize("size", [1000, 6 * MiB], ids=["put", "multipart"])
+async def test_second_delivery_finds_the_first(
+    s3_server: S3Server, bucket: str, tmp_path: Path, size: int
+) -> None:
+    it = item(tmp_path, "twice.bin", os.urandom(size))
+    async with opened(settings(s3_server, bucket, tmp_path)) as sink:
+        first = await sink.deliver(it)
+        second = await sink.deliver(it)
+    assert (first.found, second.found) == (False, True)
+    assert (second.location, second.bytes, second.sha256) == (first.location, size, it.sha256)
+    assert s3_server.keys(bucket) == ["in/twice.bin"]
+
+
+async def test_same_bytes_without_our_metadata_are_found(
+    s3_server: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    """An object of the right bytes but without our mark (someone else's upload, or a
+    store that forgot its metadata: rclone keeps it in memory only) is recognised."""
+    content = os.urandom(3000)
+    it = item(tmp_path, "theirs.bin", content)
+    s3_server.put(bucket, "in/theirs.bin", content)
+    async with opened(settings(s3_server, bucket, tmp_path, checksum="none")) as sink:
+        receipt = await sink.deliver(it)
+    assert receipt.found is True
+    assert s3_server.head(bucket, "in/theirs.bin")["Metadata"] == {}  # type: ignore[index]
+
+
+@pytest.mark.parametrize("size", [3000, 6 * MiB], ids=["put", "multipart"])
+async def test_rclone_forgets_metadata_on_restart_yet_the_item_is_found(
+    tmp_path: Path, size: int
+) -> None:
+    """rclone's S3 server keeps user metadata and checksums in memory: after a restart
+    the object has no x-amz-meta-sha256, and its ETag is the plain MD5 of the file
+    (multipart objects too). A retry after a lost acknowledgement still finds it."""
+    it = item(tmp_path, "kept.bin", os.urandom(size))
+    with rclone_s3(tmp_path) as first:
+        bucket = first.make_bucket()
+        async with opened(settings(first, bucket, tmp_path)) as sink:
+            assert (await sink.deliver(it)).found is False
+    with rclone_s3(tmp_path) as second:
+        head = second.head(bucket, "in/kept.bin")
+        assert head is not None and head["Metadata"] == {}
+        assert head["ETag"].strip('"') == hashlib.md5(it.path.read_bytes()).hexdigest()
+        async with opened(settings(second, bucket, tmp_path)) as sink:
+            receipt = await sink.deliver(it)
+    assert receipt.found is True
+
+
+async def test_other_bytes_there_fail_or_are_replaced(
+    s3_server: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    s3_server.put(bucket, "in/x.csv", b"someone else's", Metadata={"sha256": "0" * 64})
+    it = item(tmp_path, "x.csv", b"ours\n")
+    async with opened(settings(s3_server, bucket, tmp_path)) as sink:
+        with pytest.raises(SinkError) as e:
+            await sink.deliver(it)
+    assert (e.value.error_class, e.value.retryable) == ("remote_exists", False)
+    assert "0" * 64 in e.value.message
+    assert s3_server.get(bucket, "in/x.csv") == b"someone else's"
+
+    async with opened(settings(s3_server, bucket, tmp_path, exists="replace")) as sink:
+        receipt = await sink.deliver(it)
+    assert receipt.found is False
+    assert s3_server.get(bucket, "in/x.csv") == b"ours\n"
+    assert s3_server.keys(bucket) == ["in/x.csv"]
+
+
+async def test_object_appearing_after_the_check(
+    s3_server: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    """Another writer's object lands between our HEAD and our PUT. SeaweedFS honours
+    If-None-Match: * and the sink reports remote_exists; rclone ignores the header,
+    so there the HEAD before the write is all the protection there is."""
+    it = item(tmp_path, "race.csv", b"ours\n")
+    async with opened(settings(s3_server, bucket, tmp_path)) as sink:
+        real_head = sink._head
+        calls = 0
+
+        async def head_then_race(client: Any, key: str) -> Any:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                assert await real_head(client, key) is None
+                s3_server.put(bucket, key, b"theirs\n")
+                return None
+            return await real_head(client, key)
+
+        sink._head = head_then_race  # type: ignore[method-assign]
+        if s3_server.name == "rclone":
+            await sink.deliver(it)
+            assert s3_server.get(bucket, "in/race.csv") == b"ours\n"
+            return
+        with pytest.raises(SinkError) as e:
+            await sink.deliver(it)
+    assert e.value.error_class == "remote_exists"
+    assert s3_server.get(bucket, "in/race.csv") == b"theirs\n"
+
+
+async def test_leftover_multipart_upload_is_aborted(
+    s3_server: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    stale = s3_server.start_upload(bucket, "in/part.bin", os.urandom(5 * MiB))
+    neighbour = s3_server.start_upload(bucket, "in/part.bin.other")  # same prefix, not ours
+    assert s3_server.uploads(bucket, "in/part.bin") == [stale]
+    it = item(tmp_path, "part.bin", os.urandom(7 * MiB))
+    async with opened(settings(s3_server, bucket, tmp_path)) as sink:
+        await sink.deliver(it)
+    assert s3_server.uploads(bucket, "in/part.bin") == []
+    assert s3_server.uploads(bucket, "in/part.bin.other") == [neighbour]
+    assert s3_server.get(bucket, "in/part.bin") == it.path.read_bytes()
+
+
+@pytest.mark.parametrize("change", ["rewritten", "grown", "shrunk"])
+@pytest.mark.parametrize("size", [1000, 6 * MiB], ids=["put", "multipart"])
+async def test_changed_file_never_becomes_an_object(
+    s3_server: S3Server, bucket: str, tmp_path: Path, size: int, change: str
+) -> None:
+    it = item(tmp_path, "moving.bin", os.urandom(size))
+    with open(it.path, "r+b") as f:
+        if change == "rewritten":  # same size, other bytes in the last part
+            f.seek(size - 10)
+            f.write(b"x" * 10)
+        elif change == "grown":
+            f.seek(0, os.SEEK_END)
+            f.write(b"more")
+        else:
+            f.truncate(size - 1)
+    async with opened(settings(s3_server, bucket, tmp_path)) as sink:
+        with pytest.raises(SinkError) as e:
+            await sink.deliver(it)
+    assert (e.value.error_class, e.value.retryable) == ("modified_during_processing", False)
+    assert s3_server.keys(bucket) == []
+    assert s3_server.uploads(bucket, "in/moving.bin") == []
+
+
+@pytest.mark.parametrize("size", [1000, 6 * MiB], ids=["put", "multipart"])
+async def test_checksum_none_delivers(
+    s3_server: S3Server, bucket: str, tmp_path: Path, size: int
+) -> None:
+    it = item(tmp_path, "plain.bin", os.urandom(size))
+    s = settings(s3_server, bucket, tmp_path, checksum="none", conditional_writes=False)
+    async with opened(s) as sink:
+        receipt = await sink.deliver(it)
+    assert receipt.found is False and receipt.bytes == size
+    assert s3_server.get(bucket, "in/plain.bin") == it.path.read_bytes()
+
+
+async def test_concurrent_deliveries_share_one_client(
+    s3_server: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    items = [item(tmp_path, f"many/{i}.txt", f"file {i}\n".encode()) for i in range(12)]
+    async with opened(settings(s3_server, bucket, tmp_path, concurrency=4)) as sink:
+        async with anyio.create_task_group() as tg:
+            for it in items:
+                tg.start_soon(sink.deliver, it)
+    assert sorted(s3_server.keys(bucket)) == sorted(f"in/many/{i}.txt" for i in range(12))
+
+
+async def test_wrong_secret_is_denied_for_good(
+    s3_server: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    wrong = "not-the-secret-" + "9" * 20
+    it = item(tmp_path, "denied.csv", b"a,b\n")
+    async with opened(settings(s3_server, bucket, tmp_path, secret=wrong)) as sink:
+        with pytest.raises(SinkError) as e:
+            await sink.deliver(it)
+    assert (e.value.error_class, e.value.retryable) == ("sink_denied", False)
+    assert wrong not in str(e.value) and s3_server.secret not in str(e.value)
+
+
+async def test_missing_bucket_is_rejected(s3_server: S3Server, tmp_path: Path) -> None:
+    it = item(tmp_path, "lost.csv", b"a\n")
+    async with opened(settings(s3_server, "no-such-bucket-here", tmp_path)) as sink:
+        with pytest.raises(SinkError) as e:
+            await sink.deliver(it)
+    assert (e.value.error_class, e.value.retryable) == ("sink_rejected", False)
+    assert "NoSuchBucket" in e.value.message
+
+
+async def test_vanished_file_is_unreadable(
+    s3_server: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    it = item(tmp_path, "gone.csv", b"a\n")
+    it.path.unlink()
+    async with opened(settings(s3_server, bucket, tmp_path)) as sink:
+        with pytest.raises(SinkError) as e:
+            await sink.deliver(it)
+    assert (e.value.error_class, e.value.retryable) == ("source_unreadable", False)
+    assert s3_server.keys(bucket) == []
+
+
+async def test_server_down_is_unreachable_and_retryable(tmp_path: Path) -> None:
+    down = S3Server("down", f"http://127.0.0.1:{free_port()}", "filedock-test", "secret")
+    async with opened(settings(down, "bucket", tmp_path, timeout_s=5)) as sink:
+        with pytest.raises(SinkError) as e:
+            await sink.deliver(item(tmp_path, "x.csv", b"x"))
+    assert (e.value.error_class, e.value.retryable) == ("sink_unreachable", True)
+
+
+async def test_unencodable_target_is_a_bad_target(tmp_path: Path) -> None:
+    down = S3Server("down", f"http://127.0.0.1:{free_port()}", "filedock-test", "secret")
+    async with opened(settings(down, "bucket", tmp_path)) as sink:
+        with pytest.raises(SinkError) as e:
+            await sink.deliver(item(tmp_path, "bad-\udcff.csv", b"x"))
+    assert (e.value.error_class, e.value.retryable) == ("bad_target", False)
+
+
+async def test_missing_credential_is_a_config_error(tmp_path: Path) -> None:
+    s = S3Sink(
+        kind="s3",
+        name="store",
+        bucket="bucket",
+        access_key_id=Secret(env="FILEDOCK_TEST_NO_SUCH_VARIABLE"),
+        secret_access_key=Secret(file=tmp_path / "missing"),
+    )
+    with pytest.raises(SinkError) as e:
+        await S3Delivery(s).open()
+    assert (e.value.error_class, e.value.retryable) == ("sink_config", False)
+    assert "FILEDOCK_TEST_NO_SUCH_VARIABLE" in e.value.message
