@@ -28,7 +28,7 @@ from service.discovery.watcher import Discovery, detect_watch_mode
 from service.errors import StartupError
 from service.face.http import Health, build_http_app, serve_http
 from service.face.metrics import Metrics
-from service.ledger import JobRecord, Ledger, ledger_for_url
+from service.ledger import UNFINISHED, JobRecord, Ledger, ledger_for_url
 from service.pipeline import Pipeline
 from service.settings import Settings
 from service.storage.fsutil import (
@@ -152,6 +152,39 @@ class App:
                 "once": self.once,
             },
         )
+        await pipeline.open()  # the sinks' clients: a bad credential stops the start
+        try:
+            await self._serve(pipeline, discovery, ledger, health, router, discovery_done)
+        finally:
+            await pipeline.aclose()
+        intake.close()
+        pipeline.close()
+        t = pipeline.tally
+        log.info(
+            "filedock stopped",
+            extra={
+                "done": t.done,
+                "failed": t.failed,
+                "retried": t.retried,
+                "outcomes": t.by_outcome,
+                "in_flight_left": len(pipeline.in_flight),
+                "uptime_s": round(time.monotonic() - started, 3),
+            },
+        )
+        if self.once:
+            return 1 if t.failed else 0
+        return 0
+
+    async def _serve(
+        self,
+        pipeline: Pipeline,
+        discovery: Discovery,
+        ledger: Ledger,
+        health: Health,
+        router: Router,
+        discovery_done: anyio.Event,
+    ) -> None:
+        s, m = self.settings, self.metrics
         async with anyio.create_task_group() as tg:
             self._tg = tg
             if not self.once:
@@ -183,23 +216,6 @@ class App:
                 discovery.stop.set()
                 await self._graceful_stop(pipeline)
             tg.cancel_scope.cancel()
-        intake.close()
-        pipeline.close()
-        t = pipeline.tally
-        log.info(
-            "filedock stopped",
-            extra={
-                "done": t.done,
-                "failed": t.failed,
-                "retried": t.retried,
-                "outcomes": t.by_outcome,
-                "in_flight_left": len(pipeline.in_flight),
-                "uptime_s": round(time.monotonic() - started, 3),
-            },
-        )
-        if self.once:
-            return 1 if t.failed else 0
-        return 0
 
     async def _discover(self, discovery: Discovery, done: anyio.Event) -> None:
         try:
@@ -271,9 +287,8 @@ class App:
                 m.ledger_errors.inc()
                 counts = {}
             now = time.time()
-            waiting_jobs = sum(
-                counts.get(st, 0) for st in ("claimed", "importing", "waiting", "archiving")
-            )
+            waiting_jobs = sum(counts.get(st, 0) for st in UNFINISHED)
+            await self._delivery_backlog(ledger, now)
             m.backlog_files.labels("transfer").set(discovery.backlog_files)
             m.backlog_bytes.labels("transfer").set(discovery.backlog_bytes)
             m.backlog_files.labels("proc").set(waiting_jobs)
@@ -283,7 +298,24 @@ class App:
                 + [j.record.detected_at for j in pipeline.in_flight.jobs.values()]
             )
             m.oldest_waiting_age.set(max(0.0, now - oldest))
+            pipeline.delivery.show_paused()
             await anyio.sleep(5.0)
+
+    async def _delivery_backlog(self, ledger: Ledger, now: float) -> None:
+        """Per sink: deliveries not done yet and the age of the oldest, from the ledger
+        (so every replica shows the whole backlog)."""
+        try:
+            backlog = await ledger.delivery_backlog()
+        except Exception:
+            self.metrics.ledger_errors.inc()
+            return
+        found = {(route, sink): (n, oldest) for route, sink, n, oldest in backlog}
+        for route in self.settings.routes:
+            for sink in route.deliver:
+                n, oldest = found.get((route.name, sink.name), (0, None))
+                self.metrics.deliveries_waiting.labels(route.name, sink.name).set(n)
+                age = max(0.0, now - oldest) if oldest is not None else 0.0
+                self.metrics.oldest_delivery_age.labels(route.name, sink.name).set(age)
 
     def _start_reaper(self, tg: TaskGroup, ledger: Ledger) -> None:
         if not self.once:

@@ -4,7 +4,10 @@ itself the nth time it passes `point`. Inert unless that variable is set.
 The reliability suite uses them to prove that a crash at any step of the
 protocol leaves the invariants intact after a restart. Points: mid_claim (between
 the claim's mkdir and rename), after_vet, after_claim, before_import, after_import,
-mid_archive, after_archive_rename, after_ledger_done, mid_fail.
+mid_archive, after_archive_rename, after_ledger_done, mid_fail, before_delivery (an
+attempt counted, nothing sent), mid_delivery (a sink's temp file or multipart upload
+begun, not published), after_delivery (the remote holds the bytes, the ledger
+does not know yet).
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ POINTS = frozenset(
         "after_archive_rename",
         "after_ledger_done",
         "mid_fail",
+        "before_delivery",
+        "mid_delivery",
+        "after_delivery",
     }
 )
 

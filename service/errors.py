@@ -33,6 +33,7 @@ ErrorClass = Literal[
     "disk_full",
     "io_error",
     "unrouted",
+    "delivery_failed",  # a sink failed for good (error.json names each sink's state)
     # Only while a job is `waiting` for its next attempt (never a final class):
     "import_error",
     "retry",

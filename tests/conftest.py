@@ -370,3 +370,54 @@ def tree(tmp_path: Path) -> Any:
     t = FiledockTree(tmp_path)
     yield t
     t.close()
+
+
+Mount = Callable[..., Path]
+
+
+@pytest.fixture
+def mount(tmp_path: Path) -> Iterator[Mount]:
+    """Mounts a tmpfs of the given size under tmp_path; unmounts each at the end."""
+    require_tool("mount")
+    mounted: list[Path] = []
+
+    def mount_tmpfs(size: str = "64m") -> Path:
+        point = tmp_path / f"fs{len(mounted)}"
+        point.mkdir()
+        argv = ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(point)]
+        result = subprocess.run(argv, capture_output=True, text=True)
+        if result.returncode != 0:
+            skip_or_fail(f"cannot mount a tmpfs (needs root): {result.stderr.strip()}")
+        mounted.append(point)
+        return point
+
+    yield mount_tmpfs
+    for point in reversed(mounted):
+        subprocess.run(["umount", str(point)], check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def served_receiver() -> Iterator[Any]:
+    """A real HTTP receiver (`http_receiver.py`), one per test module."""
+    from http_receiver import http_receiver
+
+    with http_receiver() as receiver:
+        yield receiver
+
+
+@pytest.fixture
+def receiver(served_receiver: Any) -> Iterator[Any]:
+    """The module's receiver, holding nothing and answering as told from scratch."""
+    served_receiver.reset()
+    yield served_receiver
+    served_receiver.reset()
+
+
+@pytest.fixture(scope="module", params=["rclone", "seaweedfs"])
+def s3_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Each S3-compatible store in turn (`s3servers.py`), one per test module."""
+    from s3servers import rclone_s3, seaweedfs
+
+    start = {"rclone": rclone_s3, "seaweedfs": seaweedfs}[request.param]
+    with start(tmp_path_factory.mktemp(request.param)) as server:
+        yield server

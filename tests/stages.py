@@ -43,6 +43,14 @@ async def retry(job: ImportJob) -> None:
     raise Retry("the database is busy", defer_s=30)
 
 
+async def two_outputs(job: ImportJob) -> None:
+    """Writes two files to `out/`, as a converting importer does."""
+    data = job.path.read_bytes()
+    (job.out_dir / "parts").mkdir(parents=True)
+    (job.out_dir / "upper.txt").write_bytes(data.upper())
+    (job.out_dir / "parts" / "len.txt").write_bytes(str(len(data)).encode())
+
+
 @dataclass
 class Rig:
     settings: Settings
@@ -112,7 +120,9 @@ async def rig(tmp_path: Path, importer: str = "stages:ok", **route: Any) -> Asyn
             {
                 "name": "main",
                 "match": "**",
-                "importer": {"kind": "python", "callable": importer},
+                "importer": (
+                    "none" if importer == "none" else {"kind": "python", "callable": importer}
+                ),
                 "max_attempts": 3,
                 "backoff_s": 0,
                 "max_backoff_s": 0,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import FiledockTree
+from conftest import FiledockTree, free_port
 
 from service.discovery.readiness import BUSY_REASON
 
@@ -88,3 +88,24 @@ def test_a_file_open_for_writing_waits_for_its_writer(tree: FiledockTree) -> Non
     assert [(r["name"], r["size"], r["state"]) for r in tree.rows()] == [
         (b"upload.csv", len(b"half of it and the rest\n"), "done")
     ]
+
+
+def test_status_and_show_tell_where_a_delivery_stands(tree: FiledockTree) -> None:
+    down = f"http://127.0.0.1:{free_port()}/in/{{name}}"  # nothing listens there
+    sink = {"name": "erp", "kind": "http", "url": down, "backoff_s": 3600}
+    tree.configure(routes=[{"name": "hub", "match": "**", "importer": "none", "deliver": [sink]}])
+    tree.drop("a.csv", b"id\n")
+    assert tree.run_once().returncode == 0  # nothing failed: the sink waits for its retry
+    assert tree.run_once().returncode == 0  # a restart keeps the schedule: not due yet
+
+    status = json.loads(tree.cli("status", "--json").stdout)
+    assert status["jobs"] == {"delivering": 1}
+    (backlog,) = status["sinks"]
+    assert (backlog["route"], backlog["sink"], backlog["open"]) == ("hub", "erp", 1)
+    assert "hub/erp: 1, the oldest since" in tree.cli("status").stdout
+
+    (job,) = tree.jobs("--state", "delivering")
+    shown = tree.cli("show", job["id"]).stdout
+    assert "sink erp: waiting, 1 attempt(s), last error sink_unreachable" in shown
+    assert "next attempt" in shown
+    assert tree.cli("retry", job["id"]).returncode == 1  # not failed: nothing to retry

@@ -155,6 +155,7 @@ def filedock(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Filedock]:
     root = base / "data"
     port = free_port()
     config = base / "filedock.yaml"
+    (base / "share").mkdir()
     config.write_text(
         yaml.safe_dump(
             {
@@ -171,6 +172,10 @@ def filedock(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Filedock]:
                             "timeout_s": 30,
                         },
                         "max_attempts": 1,
+                        # A sink, so that the delivery panels and rules see real series.
+                        "deliver": [
+                            {"name": "share", "kind": "directory", "path": str(base / "share")}
+                        ],
                     }
                 ],
             }

@@ -19,9 +19,12 @@ import anyio
 
 from service import __version__
 from service.errors import ConfigError, StartupError
+from service.ledger.base import STATES
+from service.storage.names import rfc3339
 
 if TYPE_CHECKING:  # imported in main(): the archive worker process loads this module
-    from service.settings import Settings  # (the `filedock` script) and needs no pydantic
+    from service.ledger import Ledger  # (the `filedock` script) and needs no pydantic
+    from service.settings import Settings
 
 __all__ = ["main"]
 
@@ -63,14 +66,14 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="machine-readable output")
 
     jobs = sub.add_parser("jobs", parents=[common], help="list jobs from the ledger, newest first")
-    jobs.add_argument(
-        "--state", choices=["claimed", "importing", "waiting", "archiving", "done", "failed"]
-    )
+    jobs.add_argument("--state", choices=STATES)
     jobs.add_argument("--route")
     jobs.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
     jobs.add_argument("--json", action="store_true", help="a JSON array (see docs/contracts.md)")
 
-    show = sub.add_parser("show", parents=[common], help="one job, with its attempts")
+    show = sub.add_parser(
+        "show", parents=[common], help="one job, with its attempts and each sink's receipt"
+    )
     show.add_argument("job_id", metavar="ID")
     show.add_argument("--json", action="store_true")
 
@@ -80,6 +83,12 @@ def _parser() -> argparse.ArgumentParser:
     target = retry.add_mutually_exclusive_group(required=True)
     target.add_argument("job_id", metavar="ID", nargs="?")
     target.add_argument("--all-failed", action="store_true", help="every failed job")
+    retry.add_argument(
+        "--sink",
+        metavar="NAME",
+        help="of a job whose delivery failed: send to this sink only (default: every sink"
+        " not delivered yet; delivered sinks are never sent to again)",
+    )
 
     reap = sub.add_parser("reap", parents=[common], help="apply the retention now")
     reap.add_argument("--dry-run", action="store_true", help="list what would be deleted")
@@ -167,17 +176,31 @@ async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
 
     folders = await anyio.to_thread.run_sync(folder_report, settings)
     waiting = await anyio.to_thread.run_sync(waiting_report, settings)
+
+    async def read(ledger: Ledger) -> tuple[dict[str, int], list[dict[str, Any]]]:
+        backlog = [
+            {"route": route, "sink": sink, "open": n, "oldest": rfc3339(oldest)}
+            for route, sink, n, oldest in sorted(await ledger.delivery_backlog())
+        ]
+        return await ledger.counts(), backlog
+
     try:
-        counts = await _with_ledger(settings, lambda ledger: ledger.counts())
+        counts, sinks = await _with_ledger(settings, read)
     except ConfigError:
-        counts = {}
+        counts, sinks = {}, []
     if args.json:
-        _print_json({"folders": folders, "jobs": counts, "waiting_in_transfer": waiting})
+        _print_json(
+            {"folders": folders, "jobs": counts, "waiting_in_transfer": waiting, "sinks": sinks}
+        )
         return EXIT_OK
     print(f"{'folder':<10} {'files':>9} {'bytes':>14}  oldest")
     for name, f in folders.items():
         print(f"{name:<10} {f['files']:>9} {f['bytes']:>14}  {f['oldest'] or '-'}")
     print("\njobs: " + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"))
+    if sinks:
+        print("\ndeliveries not done yet (pending, running or waiting for a retry):")
+        for b in sinks:
+            print(f"  {b['route']}/{b['sink']}: {b['open']}, the oldest since {b['oldest']}")
     if waiting:
         print("\nwaiting in transfer/ (not claimed yet):")
         for w in waiting:
@@ -209,24 +232,40 @@ async def cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def cmd_show(settings: Settings, args: argparse.Namespace) -> int:
-    record = await _with_ledger(settings, lambda ledger: ledger.get(args.job_id))
-    if record is None:
+    async def read(ledger: Ledger) -> dict[str, Any] | None:
+        record = await ledger.get(args.job_id)
+        if record is None:
+            return None
+        doc = record.to_json()
+        doc["deliveries"] = [d.to_json() for d in await ledger.deliveries(record.id)]
+        return doc
+
+    doc = await _with_ledger(settings, read)
+    if doc is None:
         print(f"filedock: no job {args.job_id}", file=sys.stderr)
         return EXIT_FAILED
-    doc = record.to_json()
     if args.json:
         _print_json(doc)
         return EXIT_OK
     for key, value in doc.items():
-        if key != "history" and value is not None:
+        if key not in ("history", "deliveries") and value is not None:
             print(f"{key:>15}: {value}")
     for h in doc["history"]:
         print(f"{'attempt':>15}: " + json.dumps(h, ensure_ascii=True))
+    for d in doc["deliveries"]:
+        line = f"{d['state']}, {d['attempts']} attempt(s)"
+        if d["error_class"]:
+            line += f", last error {d['error_class']}: {d['error']}"
+        if d["next_attempt_at"] and d["state"] == "waiting":
+            line += f", next attempt {d['next_attempt_at']}"
+        print(f"{'sink ' + d['sink']:>15}: {line}")
+        for receipt in d["receipts"]:
+            print(f"{'':>15}  receipt: " + json.dumps(receipt, ensure_ascii=True))
     return EXIT_OK
 
 
 async def cmd_retry(settings: Settings, args: argparse.Namespace) -> int:
-    from service.ledger import JobRecord, Ledger
+    from service.ledger import JobRecord
 
     async def go(ledger: Ledger) -> int:
         if args.all_failed:
@@ -239,7 +278,7 @@ async def cmd_retry(settings: Settings, args: argparse.Namespace) -> int:
             targets = [one]
         sent = 0
         for job in targets:
-            problem = await retry_job(settings, ledger, job)
+            problem = await retry_job(settings, ledger, job, sink=args.sink)
             if problem:
                 print(f"filedock: {job.id}: {problem}", file=sys.stderr)
             else:
@@ -250,13 +289,23 @@ async def cmd_retry(settings: Settings, args: argparse.Namespace) -> int:
     return await _with_ledger(settings, go)
 
 
-async def retry_job(settings: Settings, ledger: Any, job: Any) -> str | None:
-    """Move a failed job's folder back to proc/ and mark it due; None when done."""
+async def retry_job(
+    settings: Settings, ledger: Any, job: Any, *, sink: str | None = None
+) -> str | None:
+    """Move a failed job's folder back to proc/ and mark it due; None when done.
+
+    A job whose delivery failed goes back to its sinks, not to its importer: the sinks
+    not delivered yet (or `sink` alone) start afresh; delivered ones keep their receipt.
+    """
     from service.storage.archive import read_json
     from service.storage.fsutil import move_tree
 
     if job.state != "failed":
         return f"is {job.state}, not failed: only failed jobs can be retried"
+    deliveries = await ledger.deliveries(job.id) if job.error_class == "delivery_failed" else []
+    if sink is not None and sink not in {d.sink for d in deliveries}:
+        names = ", ".join(d.sink for d in deliveries) or "none: its delivery did not fail"
+        return f"has no sink {sink!r} to retry (its sinks: {names})"
     failed_dir = settings.folder("failed") / job.id
     proc_dir = settings.folder("proc") / job.id
     if not failed_dir.is_dir():
@@ -296,13 +345,27 @@ async def retry_job(settings: Settings, ledger: Any, job: Any) -> str | None:
     if job.error_class == "modified_during_processing":
         # The operator asks for the file as it is now: its content is vetted anew.
         fields.update(sha256=None, size=None, mtime_ns=None)
+    if deliveries:
+        again = [d for d in deliveries if d.state != "delivered" and sink in (None, d.sink)]
+        for d in again:
+            d.state, d.attempts, d.next_attempt_at, d.updated_at = "pending", 0, None, now
+        fields.update(state="delivering", outcome=_imported_outcome(job.history))
+        await ledger.save_deliveries(again, [(job.id, fields)])
+        return None
     await ledger.update(job.id, fields)
     return None
 
 
+def _imported_outcome(history: list[dict[str, Any]]) -> str:
+    """What the import of a job whose delivery failed had ended with."""
+    for entry in reversed(history):
+        if entry.get("event") == "delivering":
+            return str(entry.get("outcome", "imported"))
+    return "imported"
+
+
 async def cmd_reap(settings: Settings, args: argparse.Namespace) -> int:
     from service.face.metrics import Metrics
-    from service.ledger import Ledger
     from service.upkeep.reaper import Reaper
 
     async def go(ledger: Ledger) -> int:

@@ -223,6 +223,47 @@ class Metrics:
             registry=r,
         )
 
+        # Delivery.
+        self.deliveries = Counter(
+            p + "deliveries_total",
+            "Deliveries to a sink that ended an attempt, by outcome (delivered, found:"
+            " the remote held our bytes already, retry, failed, paused).",
+            ["route", "sink", "outcome"],
+            registry=r,
+        )
+        self.delivery_duration = Histogram(
+            p + "delivery_duration_seconds",
+            "Time a delivery attempt to a sink took (all of a job's files).",
+            ["route", "sink"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.delivery_bytes = Counter(
+            p + "delivery_bytes_total",
+            "Bytes delivered to a sink (found ones not counted).",
+            ["route", "sink"],
+            registry=r,
+        )
+        self.deliveries_waiting = Gauge(
+            p + "deliveries_waiting",
+            "Jobs whose delivery to the sink is not done yet (pending, running or waiting"
+            " for a retry), across every replica.",
+            ["route", "sink"],
+            registry=r,
+        )
+        self.oldest_delivery_age = Gauge(
+            p + "oldest_delivery_age_seconds",
+            "Age of the oldest delivery to the sink not done yet (0 when none).",
+            ["route", "sink"],
+            registry=r,
+        )
+        self.sink_paused = Gauge(
+            p + "sink_paused",
+            "1 while the sink's circuit breaker holds its deliveries after repeated failures.",
+            ["route", "sink"],
+            registry=r,
+        )
+
         for kind in RECOVERY_KINDS:
             self.recovery_actions.labels(kind)
 
@@ -246,3 +287,13 @@ class Metrics:
             self.jobs.labels(route, outcome)
         for error_class in FINAL_ERROR_CLASSES:
             self.job_failures.labels(route, error_class)
+
+    def declare_sink(self, route: str, sink: str) -> None:
+        """A sink's series at zero, before its first delivery."""
+        for outcome in ("delivered", "found", "retry", "failed", "paused"):
+            self.deliveries.labels(route, sink, outcome)
+        self.delivery_duration.labels(route, sink)
+        self.delivery_bytes.labels(route, sink)
+        self.deliveries_waiting.labels(route, sink)
+        self.oldest_delivery_age.labels(route, sink)
+        self.sink_paused.labels(route, sink).set(0)

@@ -130,7 +130,7 @@ class Archiver:
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._report, archived)  # beside the build, off its path
             written = await self.writer.write(
-                [Entry(j.record, j.outcome, j.result) for j in batch],
+                [Entry(j.record, j.outcome, j.result, j.receipts()) for j in batch],
                 remove=[j.id for j in archived],
             )
         for job in archived:

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from service.face.logs import job_fields
 from service.face.metrics import Metrics
-from service.ledger import JobRecord
+from service.ledger import DeliveryRecord, JobRecord
 
 __all__ = ["Kind", "Subscriber", "Tally", "Transition", "log_transition", "metrics_subscriber"]
 
@@ -22,7 +22,18 @@ log = logging.getLogger("filedock.pipeline")
 
 # `retry`: waiting after a failed attempt; `set_back`: waiting because the service could
 # not finish a step (no attempt failed).
-Kind = Literal["claimed", "importing", "retry", "set_back", "archiving", "done", "failed"]
+# `delivery`: one sink's attempt ended (`outcome`: delivered, found, retry, failed, paused).
+Kind = Literal[
+    "claimed",
+    "importing",
+    "retry",
+    "set_back",
+    "delivering",
+    "delivery",
+    "archiving",
+    "done",
+    "failed",
+]
 
 
 @dataclass(frozen=True)
@@ -35,6 +46,9 @@ class Transition:
     message: str | None = None
     retry_in_s: float | None = None
     detail: dict[str, Any] = field(default_factory=dict)  # the import's facts, on `done`
+    sink: DeliveryRecord | None = None  # on `delivery`
+    elapsed_s: float | None = None  # on `delivery`: the attempt's
+    sent_bytes: int = 0  # on `delivery`: bytes sent (none when found)
 
 
 Subscriber = Callable[[Transition], None]
@@ -82,8 +96,22 @@ def metrics_subscriber(metrics: Metrics) -> Subscriber:
             m.jobs.labels(job.route, t.outcome).inc()
             m.job_failures.labels(job.route, t.error_class).inc()
             m.end_to_end.labels(job.route).observe(max(0.0, t.at - job.detected_at))
+        elif t.kind == "delivery" and t.sink is not None:
+            sink = t.sink.sink
+            m.deliveries.labels(job.route, sink, t.outcome).inc()
+            if t.elapsed_s is not None:
+                m.delivery_duration.labels(job.route, sink).observe(t.elapsed_s)
+            if t.sent_bytes:
+                m.delivery_bytes.labels(job.route, sink).inc(t.sent_bytes)
 
     return on
+
+
+_DELIVERY_LINES = {
+    "retry": "delivery will be retried",
+    "paused": "sink paused after repeated failures; delivery waits",
+    "failed": "delivery failed",
+}
 
 
 def log_transition(t: Transition) -> None:
@@ -106,6 +134,26 @@ def log_transition(t: Transition) -> None:
                 attempt=job.attempts,
             ),
         )
+    elif t.kind == "delivery" and t.sink is not None:
+        row = t.sink
+        fields = job_fields(
+            job.id,
+            route=job.route,
+            name=job.name,
+            sink=row.sink,
+            outcome=t.outcome,
+            attempt=row.attempts,
+        )
+        if t.outcome in ("delivered", "found"):
+            where = [r.get("location") for r in row.receipts]
+            log.info("delivered", extra={**fields, "to": where, "elapsed_s": t.elapsed_s})
+        else:
+            if t.error_class is not None:
+                fields["error_class"] = t.error_class
+            fields["error"] = (t.message or "")[:500]
+            if t.retry_in_s is not None:
+                fields["retry_in_s"] = round(t.retry_in_s, 3)
+            log.warning(_DELIVERY_LINES.get(t.outcome or "", "delivery failed"), extra=fields)
     elif t.kind == "done":
         log.info(
             "archived",

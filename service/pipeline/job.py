@@ -8,13 +8,14 @@ keeps a table keyed by job id for another one to read.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 
 from service.discovery.intake import Intake
 from service.errors import JobError
 from service.importers import Result
-from service.ledger import JobRecord
+from service.ledger import DeliveryRecord, JobRecord
 
 __all__ = ["InFlight", "Job"]
 
@@ -28,6 +29,7 @@ class Job:
     - `after`, `ticket`: its place in an ordered lane. It starts when `after` is set,
       and sets `ticket` when it has left the lane.
     - `outcome`, `result`: what its import produced, for the archiver.
+    - `deliveries`: its sinks' states (a route with `deliver:`), by sink name.
     - `recorded`: the ledger holds it `archiving`; `archive_tries`: archive attempts
       that failed; `done_at`: when the ledger recorded it `done`; `reported`: its
       metrics and `archived` line are out; `left`: set once it has left `proc/`.
@@ -40,6 +42,7 @@ class Job:
     ticket: anyio.Event | None = None
     outcome: str = ""
     result: Result | None = None
+    deliveries: dict[str, DeliveryRecord] = field(default_factory=dict)
     recorded: bool = False
     archive_tries: int = 0
     done_at: float = 0.0
@@ -49,6 +52,10 @@ class Job:
     @property
     def id(self) -> str:
         return self.record.id
+
+    def receipts(self) -> tuple[dict[str, Any], ...]:
+        """Each sink's state and receipts, for the manifest or `error.json`."""
+        return tuple(d.to_json() for _, d in sorted(self.deliveries.items()))
 
 
 class InFlight:

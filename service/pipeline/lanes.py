@@ -38,7 +38,7 @@ class Lane:
     """
 
     def __init__(
-        self, route: Route, importer: Importer, grouped: GroupImporter | None, room: int
+        self, route: Route, importer: Importer | None, grouped: GroupImporter | None, room: int
     ) -> None:
         self.route = route
         self.importer = importer

@@ -1,5 +1,6 @@
-"""When jobs go back to work: due retries from the ledger, jobs resumed or recovered,
-and what the service itself must try again later.
+"""When jobs go back to work: due retries (of an import or of a sink's delivery) from
+the ledger, jobs resumed or recovered, and what the service itself must try again
+later.
 
 A retry's time lives in the ledger (`next_attempt_at`), so it survives a restart;
 the scheduler takes due jobs every second (`FOR UPDATE SKIP LOCKED` on PostgreSQL)
@@ -17,6 +18,7 @@ import math
 import random
 import time
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import anyio
 
@@ -73,6 +75,7 @@ class Retries:
         in_flight: InFlight,
         lanes: Lanes,
         archive: Callable[[Job], Awaitable[None]],
+        deliver: Callable[[Job], Awaitable[None]],
         set_aside: SetAsideStage,
         later: Later,
     ) -> None:
@@ -83,6 +86,7 @@ class Retries:
         self.in_flight = in_flight
         self.lanes = lanes
         self._archive = archive
+        self._deliver = deliver
         self.set_aside = set_aside
         self.later = later
 
@@ -113,7 +117,16 @@ class Retries:
         self.in_flight.hold(job)
         if record.state == "archiving":
             job.outcome = record.outcome or "imported"
+            if lane.route.deliver:  # their receipts go in the manifest
+                try:
+                    rows = await self.ledger.deliveries(record.id)
+                except Exception as e:
+                    self.set_back(job, e)
+                    return
+                job.deliveries = {d.sink: d for d in rows}
             await self._archive(job)
+        elif record.state == "delivering":
+            await self._deliver(job)
         else:
             await self.lanes.enqueue(lane, job)
 
@@ -148,7 +161,17 @@ class Retries:
         self.later.call(_DEFER_S, lambda: self.resume(r))
 
 
-def backoff(route: Route, attempt: int) -> float:
+class Policy(Protocol):
+    """What sets a backoff: a route's (imports) or a sink's (deliveries)."""
+
+    @property
+    def backoff_s(self) -> float: ...
+
+    @property
+    def max_backoff_s(self) -> float: ...
+
+
+def backoff(policy: Policy, attempt: int) -> float:
     """`backoff_s` doubling per attempt, capped at `max_backoff_s`, with ±20 % jitter."""
-    base = min(route.max_backoff_s, route.backoff_s * math.pow(2, max(0, attempt - 1)))
-    return min(route.max_backoff_s, base * random.uniform(0.8, 1.2))
+    base = min(policy.max_backoff_s, policy.backoff_s * math.pow(2, max(0, attempt - 1)))
+    return min(policy.max_backoff_s, base * random.uniform(0.8, 1.2))

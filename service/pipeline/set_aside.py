@@ -48,6 +48,7 @@ class SetAsideStage:
             message=error.message,
             outcome=outcome,
             failed_at=time.time(),
+            deliveries=list(job.receipts()),
         )
         failed_dir = self.failed / r.id
         try:

@@ -15,16 +15,27 @@ from typing import Any
 
 from service.errors import JobError
 from service.importers import Result
-from service.ledger import JobRecord, Ledger
+from service.ledger import DeliveryRecord, JobRecord, Ledger
 from service.pipeline.events import Kind, Subscriber, Transition
 from service.pipeline.job import Job
 from service.storage import archive as arch
+from service.storage.names import rfc3339
 
 __all__ = ["Transitions"]
 
 _IMPORTING = ("attempts", "size", "mtime_ns", "sha256", "history")
 _WAITING = ("next_attempt_at", "error_class", "error", "history")
 _ARCHIVING = ("outcome", "archive_path", "duplicate_of", "history", "sha256", "size", "mtime_ns")
+_DELIVERING = (
+    "outcome",
+    "history",
+    "sha256",
+    "size",
+    "mtime_ns",
+    "next_attempt_at",
+    "error_class",
+    "error",
+)
 _DONE = ("outcome", "archive_path", "failed_path")
 _ARCHIVED = (*_ARCHIVING, "failed_path")  # `done` for a job never recorded `archiving`
 _FAILED = (
@@ -94,6 +105,39 @@ class Transitions:
         r.next_attempt_at = time.time() + delay
         r.error_class, r.error = error_class, message[:4000]
         await self.ledger.update(*_fields(r, "waiting", _WAITING))
+
+    # -- deliver -------------------------------------------------------------------
+
+    async def delivering(self, jobs: Sequence[Job], rows: Sequence[DeliveryRecord]) -> None:
+        """Imported (or received, without an importer), bound for its sinks: the jobs
+        `delivering` and their sinks' rows, in one transaction. A crash from here on
+        delivers again; it never imports again."""
+        now = time.time()
+        for job in jobs:
+            r = job.record
+            r.next_attempt_at = r.error_class = r.error = None
+            r.history.append({"event": "delivering", "at": rfc3339(now), "outcome": job.outcome})
+        for row in rows:
+            row.updated_at = now
+        await self.ledger.save_deliveries(
+            rows, [_fields(j.record, "delivering", _DELIVERING) for j in jobs]
+        )
+        for job in jobs:
+            self.emit("delivering", job.record)
+
+    async def sink(self, job: Job, row: DeliveryRecord, **facts: Any) -> None:
+        """A sink's state changed: an attempt began, or ended (`outcome` in `facts`:
+        delivered, found, retry, failed, paused)."""
+        row.updated_at = time.time()
+        await self.ledger.save_deliveries([row])
+        if "outcome" in facts:
+            self.emit("delivery", job.record, row.updated_at, sink=row, **facts)
+
+    async def delivery_waits(self, job: Job, next_attempt_at: float | None) -> None:
+        """Its open sinks wait: the job stays `delivering`, due again at
+        `next_attempt_at` (none: this process retries it itself, in its lane's order)."""
+        job.record.next_attempt_at = next_attempt_at
+        await self.ledger.update(*_fields(job.record, "delivering", ("next_attempt_at",)))
 
     # -- archive -------------------------------------------------------------------
 

@@ -1,10 +1,10 @@
 """The pipeline's wiring: the stages, the queues between them, and the tasks the app
 starts for them.
 
-    intake (per route) ─► claimer ─► lane (per route) ─► workers ─► archiver
-                                          ▲                  │ verdict
-                           retries ───────┘    wait ◄────────┤
-                                                  set aside ◄┘
+    intake (per route) ─► claimer ─► lane (per route) ─► workers ─► delivery ─► archiver
+                                          ▲                  │ verdict    ▲ (routes with
+                           retries ───────┴──── wait ◄───────┤            │  `deliver:`)
+                                                  set aside ◄┘────────────┘
 
 Every state change goes through `Transitions`, which writes the ledger and tells
 the subscribers (metrics, logs, the tally). Imports run under the route's limiter
@@ -28,6 +28,7 @@ from service.ledger import JobRecord, Ledger
 from service.pipeline.archiver import Archiver
 from service.pipeline.checks import Checks
 from service.pipeline.claimer import Claimer
+from service.pipeline.delivery import Delivery
 from service.pipeline.events import Tally, log_transition, metrics_subscriber
 from service.pipeline.heartbeat import Heartbeat
 from service.pipeline.job import InFlight
@@ -90,6 +91,16 @@ class Pipeline:
             queue_size=s.queue_size,
             batch_max=s.batch_max_files,
         )
+        self.delivery = Delivery(
+            s,
+            self.transitions,
+            self.in_flight,
+            self.archiver,
+            self.set_aside,
+            metrics,
+            set_back=lambda job, e: self.retries.set_back(job, e),
+            fs_threads=fs_threads,
+        )
         self.retries = Retries(
             s,
             ledger,
@@ -98,6 +109,7 @@ class Pipeline:
             self.in_flight,
             self.lanes,
             self.archiver.take,
+            self.delivery.take,
             self.set_aside,
             self.later,
         )
@@ -107,6 +119,7 @@ class Pipeline:
             checks,
             self.transitions,
             self.archiver,
+            self.delivery,
             self.retries,
             self.set_aside,
             self.in_flight,
@@ -129,11 +142,19 @@ class Pipeline:
             for i in range(lane.route.concurrency):
                 out.append((f"worker:{name}:{i}", partial(self.workers.run, lane)))
         out += [
+            ("delivery", self.delivery.run),
             ("archiver", self.archiver.run),
             ("later", self.later.run),
             ("lease heartbeat", self.heartbeat.run),
         ]
         return out
+
+    async def open(self) -> None:
+        """The sinks' clients (credentials read, connections ready to reuse)."""
+        await self.delivery.open()
+
+    async def aclose(self) -> None:
+        await self.delivery.aclose()
 
     async def run_retry_scheduler(self) -> None:
         await self.retries.run()
@@ -156,4 +177,5 @@ class Pipeline:
         """The queues between the stages, once the stages have stopped."""
         for lane in self.lanes:
             lane.close()
+        self.delivery.close()
         self.archiver.close()

@@ -35,6 +35,7 @@ from service.pipeline.checks import (
     WaitRetry,
     attempts_left,
 )
+from service.pipeline.delivery import Delivery
 from service.pipeline.job import InFlight, Job
 from service.pipeline.lanes import Lane, Lanes
 from service.pipeline.retries import Retries
@@ -94,6 +95,7 @@ class Workers:
         checks: Checks,
         transitions: Transitions,
         archiver: Archiver,
+        delivery: Delivery,
         retries: Retries,
         set_aside: SetAsideStage,
         in_flight: InFlight,
@@ -106,6 +108,7 @@ class Workers:
         self.checks = checks
         self.transitions = transitions
         self.archiver = archiver
+        self.delivery = delivery
         self.retries = retries
         self.set_aside = set_aside
         self.in_flight = in_flight
@@ -153,15 +156,20 @@ class Workers:
         others together. A failure of the ledger (or a bug) sets back the job it hit."""
         suspects: list[Job] = []
         plain: list[Job] = []
+        received: list[Job] = []  # `importer: none`: checked, and on their way
         for job in jobs:
             try:
                 verdict = await self.checks.verdict(lane.route, job)
-                if isinstance(verdict, Import):
+                if isinstance(verdict, Import) and lane.importer is None:
+                    received.append(self._bound(job, "imported", None))
+                elif isinstance(verdict, Import):
                     (suspects if _suspect(job) else plain).append(job)
                 else:
                     await self._hand_on(lane.route, job, verdict)
             except Exception as e:
                 self.retries.set_back(job, e)
+        if received:
+            await self._onward(lane.route, received)
         for job in suspects:
             async with self._gate.enter(exclusive=True):
                 await self._run_attempts(lane, [job], isolated=True)
@@ -213,7 +221,14 @@ class Workers:
             except Exception as e:
                 self.retries.set_back(job, e)
         if imported:
-            await self.archiver.submit(route, imported, record_all=isolated)
+            await self._onward(route, imported, record_all=isolated)
+
+    async def _onward(self, route: Route, jobs: list[Job], *, record_all: bool = False) -> None:
+        """Imported jobs go to their sinks, or straight to the archiver."""
+        if route.deliver:
+            await self.delivery.submit(route, jobs)
+        else:
+            await self.archiver.submit(route, jobs, record_all=record_all)
 
     def _begin(self, route: Route, job: Job, now: float, *, isolated: bool) -> ImportJob:
         r = job.record
@@ -247,6 +262,7 @@ class Workers:
             lane.timed(outcomes)
             return outcomes
         outcomes = []
+        assert lane.importer is not None  # `importer: none` never comes here
         for job in jobs:
             started = time.monotonic()
             try:
@@ -324,7 +340,7 @@ def _timeout(route: Route) -> float:
     if isinstance(s, CommandImporterSettings):
         # The command importer enforces its own timeout and kill grace; this is a backstop.
         return s.timeout_s + s.kill_grace_s + 30
-    return s.timeout_s
+    return 0.0 if s == "none" else s.timeout_s
 
 
 def _ts(t: float) -> str:

@@ -84,6 +84,7 @@ def manifest_document(
     files: list[dict[str, Any]],
     importer: dict[str, Any],
     archived_at: float,
+    deliveries: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     doc = _identity(job)
     doc.update(
@@ -92,13 +93,21 @@ def manifest_document(
         importer=importer,
         files=files,
     )
+    if deliveries:
+        doc["deliveries"] = deliveries
     if job.duplicate_of:
         doc["duplicate_of"] = job.duplicate_of
     return doc
 
 
 def error_document(
-    job: JobRecord, *, error_class: str, message: str, outcome: str, failed_at: float
+    job: JobRecord,
+    *,
+    error_class: str,
+    message: str,
+    outcome: str,
+    failed_at: float,
+    deliveries: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     doc = _identity(job)
     doc.update(
@@ -108,6 +117,9 @@ def error_document(
         failed_at=rfc3339(failed_at),
         how_to_retry=f"filedock retry {job.id}",
     )
+    if deliveries:
+        doc["deliveries"] = deliveries
+        doc["how_to_retry"] += " (sends to the sinks not delivered yet; --sink NAME for one)"
     return doc
 
 
@@ -206,6 +218,7 @@ def build_archive(
     log: bytes | None,
     skip_outputs: set[str],
     barrier: Barrier,
+    deliveries: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Write `<final_dir>.tmp/` completely; the caller flushes the barrier, then publishes.
 
@@ -252,7 +265,12 @@ def build_archive(
         barrier.file(f"{tmp}/importer.log")
         files.append({"name": "importer.log", "role": "log"})
     manifest = manifest_document(
-        job, outcome=outcome, files=files, importer=importer, archived_at=time.time()
+        job,
+        outcome=outcome,
+        files=files,
+        importer=importer,
+        archived_at=time.time(),
+        deliveries=deliveries,
     )
     _write_all(f"{tmp}/manifest.json", _dump(manifest))
     barrier.file(f"{tmp}/manifest.json")

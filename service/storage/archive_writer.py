@@ -50,11 +50,12 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Entry:
-    """One job to archive, and what its import produced."""
+    """One job to archive, what its import produced, and its sinks' receipts."""
 
     job: JobRecord
     outcome: str
     result: Result | None
+    deliveries: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -180,6 +181,7 @@ def _write(proc_root: Path, failed_root: Path, entries: list[Entry]) -> list[Wri
                 log=result.log if result else None,
                 skip_outputs={pending.name} if pending else set(),
                 barrier=barrier,
+                deliveries=list(entry.deliveries),
             )
             crash_point("mid_archive")
             errors.append(None)

@@ -54,7 +54,10 @@ def _check(tree: RelTree, outside: Outside, dropped: dict[bytes, bytes]) -> dict
     return figures
 
 
-FIRST_PASS = sorted(POINTS - {"mid_claim"})  # mid_claim has a test of its own below
+# mid_claim has a test of its own below; the delivery points need a sink, and have
+# theirs with real ones (tests/test_delivery_crash.py, tests/test_delivery_s3.py).
+DELIVERY_POINTS = {"before_delivery", "mid_delivery", "after_delivery"}
+FIRST_PASS = sorted(POINTS - {"mid_claim"} - DELIVERY_POINTS)
 
 
 @pytest.mark.parametrize("point", FIRST_PASS)
