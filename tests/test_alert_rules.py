@@ -36,12 +36,17 @@ EXPECTED_ALERTS = {
     "FiledockArchiveFilesystemNearlyFull",
     "FiledockWatcherRestarting",
     "FiledockRecoveryInconsistency",
+    "FiledockSinkPaused",
+    "FiledockDeliveryBacklogOld",
+    "FiledockDeliveryFailing",
 }
 DATASOURCE_REF = {"type": "prometheus", "uid": "${datasource}"}
 # Every label a panel may group by or print. Anything naming a file (name, path, job id)
-# would explode the series count, and the service never exports it anyway.
+# would explode the series count, and the service never exports it anyway. A sink's
+# label is its configured name, one of a few per route.
 ALLOWED_LABELS = {
     "route",
+    "sink",
     "outcome",
     "error_class",
     "folder",
@@ -269,6 +274,12 @@ def test_the_required_panels_are_there() -> None:
         "filedock_ready",
         "up{",
         "changes(process_start_time_seconds",
+        "filedock_deliveries_total",
+        "histogram_quantile(0.95, sum by (sink, le) (rate(filedock_delivery_duration_seconds",
+        "filedock_delivery_bytes_total",
+        "max by (route, sink) (filedock_deliveries_waiting",
+        "max by (route, sink) (filedock_oldest_delivery_age_seconds",
+        "max by (route, sink) (filedock_sink_paused",
     ):
         assert needed in exprs, f"no panel shows {needed}"
 
