@@ -33,6 +33,14 @@ def build_sink(settings: SinkSettings) -> Sink:
         from service.delivery.directory import DirectoryDelivery
 
         return DirectoryDelivery(settings)
+    if settings.kind == "sftp":
+        from service.delivery.sftp import SftpDelivery
+
+        return SftpDelivery(settings)
+    if settings.kind == "ftp":
+        from service.delivery.ftp import FtpDelivery
+
+        return FtpDelivery(settings)
     raise AssertionError(f"unknown sink kind {settings!r}")
 
 

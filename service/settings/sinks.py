@@ -18,9 +18,11 @@ from service.settings.sections import Section
 
 __all__ = [
     "DirectorySink",
+    "FtpSink",
     "HttpSink",
     "S3Sink",
     "Secret",
+    "SftpSink",
     "SinkSettings",
     "template_of",
 ]
@@ -162,18 +164,23 @@ class HttpSink(_Sink):
         return statuses
 
 
-class DirectorySink(_Sink):
-    """A folder (another volume, a mounted share): temp name, fsync, rename."""
+class _Placed(_Sink):
+    """A sink whose files go to `target` below its root (a path template)."""
 
-    kind: Literal["directory"]
-    path: Path
     target: str = "{relative_path}"
-    fsync: bool = True
 
     @field_validator("target")
     @classmethod
     def _target(cls, target: str) -> str:
         return _template(target)
+
+
+class DirectorySink(_Placed):
+    """A folder (another volume, a mounted share): temp name, fsync, rename."""
+
+    kind: Literal["directory"]
+    path: Path
+    fsync: bool = True
 
     @field_validator("path")
     @classmethod
@@ -183,14 +190,60 @@ class DirectorySink(_Sink):
         return path
 
 
-SinkSettings = Annotated[S3Sink | HttpSink | DirectorySink, Field(discriminator="kind")]
+class SftpSink(_Placed):
+    """A folder on an SFTP server: temp name in the target folder, then rename."""
+
+    kind: Literal["sftp"]
+    host: str = Field(min_length=1)
+    port: int = Field(default=22, ge=1, le=65535)
+    username: str = Field(min_length=1)
+    private_key: Secret | None = None  # a key file (mounted secret), or its text in a variable
+    password: Secret | None = None  # where the server takes no key
+    # The server's host key must be listed here (OpenSSH known_hosts format); a key
+    # that does not match fails the sink (sink_denied). No trust on first use unless
+    # `accept_unknown_host_key` (then the key seen is logged, never written).
+    known_hosts: Path | None = None
+    accept_unknown_host_key: bool = False
+    root: str = "."  # the remote folder targets are relative to (absolute, or from login)
+    dir_mode: int = Field(default=0o755, ge=0, le=0o7777)
+    file_mode: int = Field(default=0o644, ge=0, le=0o7777)
+
+    @model_validator(mode="after")
+    def _credentials(self) -> SftpSink:
+        if self.private_key is None and self.password is None:
+            raise ValueError("an sftp sink needs private_key or password")
+        if self.known_hosts is None and not self.accept_unknown_host_key:
+            raise ValueError(
+                "an sftp sink needs known_hosts (the server's host key), or"
+                " accept_unknown_host_key: true to trust any key"
+            )
+        return self
+
+
+class FtpSink(_Placed):
+    """A folder on an FTP or FTPS server: temp name in the target folder, then rename."""
+
+    kind: Literal["ftp"]
+    host: str = Field(min_length=1)
+    port: int | None = Field(default=None, ge=1, le=65535)  # 21, or 990 with tls: implicit
+    username: str = "anonymous"
+    password: Secret | None = None
+    tls: Literal["none", "explicit", "implicit"] = "explicit"
+    verify_tls: bool = True
+    ca_file: Path | None = None
+    root: str = "/"
+
+
+SinkSettings = Annotated[
+    S3Sink | HttpSink | DirectorySink | SftpSink | FtpSink, Field(discriminator="kind")
+]
 
 
 def template_of(sink: SinkSettings) -> str:
-    """The template that places a file on `sink`: s3 `key`, directory `target`, http
-    the path of `url` (after the host, without its leading `/`)."""
+    """The template that places a file on `sink`: s3 `key`, http the path of `url`
+    (after the host, without its leading `/`), the others' `target`."""
     if isinstance(sink, S3Sink):
         return sink.key
-    if isinstance(sink, DirectorySink):
+    if isinstance(sink, DirectorySink | SftpSink | FtpSink):
         return sink.target
     return sink.url.split("://", 1)[1].partition("/")[2]
