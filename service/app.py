@@ -29,6 +29,7 @@ from service.errors import StartupError
 from service.face.http import Health, build_http_app, serve_http
 from service.face.metrics import Metrics
 from service.ledger import UNFINISHED, JobRecord, Ledger, ledger_for_url
+from service.notify.dispatcher import Dispatcher
 from service.pipeline import Pipeline
 from service.settings import Settings
 from service.storage.fsutil import (
@@ -152,9 +153,17 @@ class App:
                 "once": self.once,
             },
         )
-        await pipeline.open()  # the sinks' clients: a bad credential stops the start
+        dispatcher = Dispatcher(s, ledger, m, pipeline.transitions.outbox)
+        # The sinks' and channels' clients: a missing credential stops the start.
+        await pipeline.open()
         try:
-            await self._serve(pipeline, discovery, ledger, health, router, discovery_done)
+            await dispatcher.open()
+            try:
+                await self._serve(
+                    pipeline, dispatcher, discovery, ledger, health, router, discovery_done
+                )
+            finally:
+                await dispatcher.aclose()
         finally:
             await pipeline.aclose()
         intake.close()
@@ -178,6 +187,7 @@ class App:
     async def _serve(
         self,
         pipeline: Pipeline,
+        dispatcher: Dispatcher,
         discovery: Discovery,
         ledger: Ledger,
         health: Health,
@@ -200,14 +210,18 @@ class App:
             health.recovery_done = True
             for name, task in pipeline.tasks():
                 tg.start_soon(task, name=name)
+            if dispatcher.channels and not self.once:
+                tg.start_soon(dispatcher.run, name="dispatcher")
             tg.start_soon(self._resume_all, pipeline, report.resume)
             if not self.once:
                 tg.start_soon(self._take_over, recovery, pipeline)
-            tg.start_soon(self._gauges, pipeline, discovery, ledger, health)
+            tg.start_soon(self._gauges, pipeline, dispatcher, discovery, ledger, health)
             self._start_reaper(tg, ledger)
             self.ready.set()
             if self.once:
                 await self._drain(pipeline, discovery, report.resume)
+                while await dispatcher.dispatch():  # the events of what was done
+                    pass
             else:
                 tg.start_soon(self._discover, discovery, discovery_done)
                 tg.start_soon(pipeline.run_retry_scheduler)
@@ -268,7 +282,12 @@ class App:
             await anyio.sleep(1.0)
 
     async def _gauges(
-        self, pipeline: Pipeline, discovery: Discovery, ledger: Ledger, health: Health
+        self,
+        pipeline: Pipeline,
+        dispatcher: Dispatcher,
+        discovery: Discovery,
+        ledger: Ledger,
+        health: Health,
     ) -> None:
         """Readiness, folder backlogs, oldest waiting file, free space: every few seconds."""
         s, m = self.settings, self.metrics
@@ -299,6 +318,10 @@ class App:
             )
             m.oldest_waiting_age.set(max(0.0, now - oldest))
             pipeline.delivery.show_paused()
+            try:
+                await dispatcher.show_backlog()
+            except Exception:
+                m.ledger_errors.inc()
             await anyio.sleep(5.0)
 
     async def _delivery_backlog(self, ledger: Ledger, now: float) -> None:

@@ -7,7 +7,8 @@ the claim's mkdir and rename), after_vet, after_claim, before_import, after_impo
 mid_archive, after_archive_rename, after_ledger_done, mid_fail, before_delivery (an
 attempt counted, nothing sent), mid_delivery (a sink's temp file or multipart upload
 begun, not published), after_delivery (the remote holds the bytes, the ledger
-does not know yet).
+does not know yet), after_event_sent (a channel took events, the outbox does not
+know yet).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ POINTS = frozenset(
         "before_delivery",
         "mid_delivery",
         "after_delivery",
+        "after_event_sent",
     }
 )
 

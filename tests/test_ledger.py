@@ -13,7 +13,7 @@ import psycopg
 import pytest
 
 from service.ledger import DeliveryRecord, JobRecord, Ledger, ledger_for_url
-from service.ledger.base import SCHEMA_VERSION
+from service.ledger.base import SCHEMA_VERSION, OutboxRecord
 
 NOW = 1_800_000_000.0  # 2027-01-15, a fixed "now" for every test
 
@@ -490,19 +490,21 @@ async def test_take_due_gives_a_due_delivering_job_back_without_claiming_it(
     assert await ledger.take_due(NOW, 10, "replica-b", 30) == []
 
 
-async def test_a_version_1_ledger_gains_the_deliveries_table(
+async def test_a_version_1_ledger_gains_the_deliveries_and_outbox_tables(
     open_ledger: OpenLedger, backend_url: str
 ) -> None:
     first = await open_ledger()
     await first.insert([job(1)])
     await first.close()
     raw_execute(backend_url, "DROP TABLE deliveries")
+    raw_execute(backend_url, "DROP TABLE outbox")
     raw_execute(backend_url, "UPDATE filedock_schema SET version = 1")
     ledger = await open_ledger()
     assert raw_execute(backend_url, "SELECT version FROM filedock_schema") == [(SCHEMA_VERSION,)]
     await ledger.save_deliveries([sink_row(job(1).id, "lake")])
     assert [d.sink for d in await ledger.deliveries(job(1).id)] == ["lake"]
-    assert await ledger.get(job(1).id) == job(1)
+    await ledger.update_many([(job(1).id, {"state": "done"})], events=[event(1)])
+    assert len(await ledger.outbox_query(pending_only=True, limit=5)) == 1
 
 
 async def test_postgres_advisory_lock_is_held_by_one_replica(pg_url: str) -> None:
@@ -559,3 +561,65 @@ async def test_postgres_ledger_outlives_its_connections(pg_url: str) -> None:
             assert await ledger.update(job(1).id, {"state": "importing"})
     finally:
         await ledger.close()
+
+
+# -- the outbox -------------------------------------------------------------------------
+
+
+def event(n: int, channel: str = "hooks", **fields: Any) -> OutboxRecord:
+    values: dict[str, Any] = {
+        "type": "filedock.job.done",
+        "route": "orders",
+        "job_id": job(n).id,
+        "payload": {"id": f"{job(n).id}.done", "data": {"name": "caf\u00e9.csv"}},
+        "next_attempt_at": NOW - 1,
+        "created_at": NOW - 10 + n,
+    }
+    values.update(fields)
+    return OutboxRecord(f"{job(n).id}.done", channel, **values)
+
+
+async def test_events_are_written_with_their_state_change_and_only_with_it(
+    ledger: Ledger,
+) -> None:
+    await ledger.insert([job(1), job(2), job(3)])
+    await ledger.update_many([(job(1).id, {"state": "done"})], events=[event(1)])
+    changed = await ledger.update(
+        job(2).id, {"state": "failed"}, expect_state="archiving", events=[event(2)]
+    )
+    assert not changed  # no state change: no event
+    await ledger.save_deliveries([sink_row(job(3).id, "lake")], events=[event(3, "mail")])
+    await ledger.update_many([(job(1).id, {"state": "done"})], events=[event(1)])  # again
+    pending = await ledger.outbox_query(pending_only=True, limit=10)
+    assert sorted((e.event_id, e.channel) for e in pending) == [
+        (f"{job(1).id}.done", "hooks"),
+        (f"{job(3).id}.done", "mail"),
+    ]
+    assert pending[-1].payload["data"]["name"] == "caf\u00e9.csv"
+    assert sorted(await ledger.outbox_backlog()) == [("hooks", 1, NOW - 9), ("mail", 1, NOW - 7)]
+
+
+async def test_take_outbox_leases_due_events_and_done_releases_them(
+    open_ledger: OpenLedger,
+) -> None:
+    a, b = await open_ledger(), await open_ledger()
+    await a.insert([job(n) for n in (1, 2, 3)])
+    due = [event(1), event(2)]
+    later = event(3, next_attempt_at=NOW + 60)
+    await a.update_many([(job(1).id, {"state": "done"})], events=[*due, later])
+    taken = await a.take_outbox(NOW, "replica-a", 30, limit=10)
+    assert [e.event_id for e in taken] == [e.event_id for e in due]
+    assert await b.take_outbox(NOW, "replica-b", 30, limit=10) == []  # held by a
+    everything = await b.take_outbox(NOW + 31, "replica-b", 30, limit=10, due_only=False)
+    assert len(everything) == 3  # a's lease ran out; a digest takes what is not due too
+    sent, retry = everything[0], everything[1]
+    sent.state, sent.sent_at, sent.attempts = "sent", NOW + 31, 1
+    retry.attempts, retry.next_attempt_at, retry.error = 1, NOW + 90, "503"
+    await b.outbox_done([sent, retry])
+    pending = await a.take_outbox(NOW + 100, "replica-a", 30, limit=10)
+    assert [(e.event_id, e.attempts, e.error) for e in pending] == [
+        (retry.event_id, 1, "503"),
+        (later.event_id, 0, None),
+    ]
+    assert await a.prune_outbox(NOW + 1000, 100) == 1  # only the sent one
+    assert len(await a.outbox_query(pending_only=False, limit=10)) == 2

@@ -90,6 +90,13 @@ def _parser() -> argparse.ArgumentParser:
         " not delivered yet; delivered sinks are never sent to again)",
     )
 
+    events = sub.add_parser(
+        "events", parents=[common], help="the outbox: events for the notify channels, newest first"
+    )
+    events.add_argument("--pending", action="store_true", help="only those not sent yet")
+    events.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    events.add_argument("--json", action="store_true", help="a JSON array")
+
     reap = sub.add_parser("reap", parents=[common], help="apply the retention now")
     reap.add_argument("--dry-run", action="store_true", help="list what would be deleted")
     return parser
@@ -112,6 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "jobs": cmd_jobs,
             "show": cmd_show,
             "retry": cmd_retry,
+            "events": cmd_events,
             "reap": cmd_reap,
         }
         return anyio.run(commands[args.command], settings, args)
@@ -362,6 +370,25 @@ def _imported_outcome(history: list[dict[str, Any]]) -> str:
         if entry.get("event") == "delivering":
             return str(entry.get("outcome", "imported"))
     return "imported"
+
+
+async def cmd_events(settings: Settings, args: argparse.Namespace) -> int:
+    records = await _with_ledger(
+        settings, lambda ledger: ledger.outbox_query(pending_only=args.pending, limit=args.limit)
+    )
+    if args.json:
+        _print_json([r.to_json() for r in records])
+        return EXIT_OK
+    if not records:
+        print("no events")
+        return EXIT_FAILED
+    for r in records:
+        j = r.to_json()
+        line = f"{j['created_at']}  {j['state']:<7} {j['channel']:<12} {j['type']:<26} {j['id']}"
+        if j["state"] != "sent" and j["attempts"]:
+            line += f"  [{j['attempts']} attempt(s): {j['error']}]"
+        print(line)
+    return EXIT_OK
 
 
 async def cmd_reap(settings: Settings, args: argparse.Namespace) -> int:

@@ -44,7 +44,16 @@ def setup_logging(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("watchfiles", "uvicorn", "uvicorn.error", "uvicorn.access"):
+    for noisy in (
+        "watchfiles",
+        "uvicorn",
+        "uvicorn.error",
+        "uvicorn.access",
+        "asyncssh",
+        "aiormq",
+        "aio_pika",
+        "nats",
+    ):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

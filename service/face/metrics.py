@@ -264,6 +264,35 @@ class Metrics:
             registry=r,
         )
 
+        # Notifications.
+        self.events_sent = Counter(
+            p + "events_sent_total", "Events a channel accepted.", ["channel"], registry=r
+        )
+        self.event_send_errors = Counter(
+            p + "event_send_errors_total",
+            "Attempts to send an event that failed (retried, or given up).",
+            ["channel"],
+            registry=r,
+        )
+        self.events_failed = Counter(
+            p + "events_failed_total",
+            "Events given up on after the channel's max_attempts (or a final error).",
+            ["channel"],
+            registry=r,
+        )
+        self.outbox_pending = Gauge(
+            p + "outbox_pending",
+            "Events waiting in the outbox for the channel, across every replica.",
+            ["channel"],
+            registry=r,
+        )
+        self.outbox_oldest_age = Gauge(
+            p + "outbox_oldest_pending_age_seconds",
+            "Age of the oldest event waiting for the channel (0 when none).",
+            ["channel"],
+            registry=r,
+        )
+
         for kind in RECOVERY_KINDS:
             self.recovery_actions.labels(kind)
 
@@ -287,6 +316,13 @@ class Metrics:
             self.jobs.labels(route, outcome)
         for error_class in FINAL_ERROR_CLASSES:
             self.job_failures.labels(route, error_class)
+
+    def declare_channel(self, channel: str) -> None:
+        """A channel's series at zero, before its first event."""
+        for metric in (self.events_sent, self.event_send_errors, self.events_failed):
+            metric.labels(channel)
+        self.outbox_pending.labels(channel)
+        self.outbox_oldest_age.labels(channel)
 
     def declare_sink(self, route: str, sink: str) -> None:
         """A sink's series at zero, before its first delivery."""

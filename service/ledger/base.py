@@ -18,11 +18,13 @@ __all__ = [
     "COLUMNS",
     "DELIVERY_COLUMNS",
     "FINAL_STATES",
+    "OUTBOX_COLUMNS",
     "STATES",
     "DeliveryRecord",
     "DeliveryState",
     "JobRecord",
     "Ledger",
+    "OutboxRecord",
     "Outcome",
     "State",
 ]
@@ -40,7 +42,7 @@ STATES: Final[tuple[State, ...]] = (
 )
 FINAL_STATES: Final = frozenset({"done", "failed"})
 UNFINISHED: Final = ("claimed", "importing", "waiting", "delivering", "archiving")
-SCHEMA_VERSION: Final = 2  # 2: the deliveries table
+SCHEMA_VERSION: Final = 3  # 2: the deliveries table; 3: the outbox
 
 
 @dataclass
@@ -142,7 +144,46 @@ class DeliveryRecord:
         }
 
 
+@dataclass
+class OutboxRecord:
+    """One event for one channel, written with the state change that caused it and
+    sent by the dispatcher: `pending` until the channel took it (`sent`), or gave up
+    on it (`failed`). `payload` is the CloudEvent as JSON; `owner` and
+    `lease_expires_at` hold it for the replica sending it."""
+
+    event_id: str
+    channel: str
+    type: str
+    route: str
+    job_id: str
+    payload: dict[str, Any]
+    state: Literal["pending", "sent", "failed"] = "pending"
+    attempts: int = 0
+    next_attempt_at: float = 0.0
+    error: str | None = None
+    created_at: float = 0.0
+    sent_at: float | None = None
+    owner: str | None = None
+    lease_expires_at: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.event_id,
+            "channel": self.channel,
+            "type": self.type,
+            "route": self.route,
+            "job_id": self.job_id,
+            "state": self.state,
+            "attempts": self.attempts,
+            "next_attempt_at": rfc3339(self.next_attempt_at),
+            "error": self.error,
+            "created_at": rfc3339(self.created_at),
+            "sent_at": rfc3339(self.sent_at),
+        }
+
+
 COLUMNS: Final = tuple(f.name for f in dataclasses.fields(JobRecord))
+OUTBOX_COLUMNS: Final = tuple(f.name for f in dataclasses.fields(OutboxRecord))
 DELIVERY_COLUMNS: Final = tuple(f.name for f in dataclasses.fields(DeliveryRecord))
 UPDATABLE: Final = frozenset(COLUMNS) - {"id"}
 
@@ -185,15 +226,27 @@ class Ledger(Protocol):
     async def insert(self, records: Sequence[JobRecord]) -> None: ...
 
     async def update(
-        self, job_id: str, fields: Mapping[str, Any], *, expect_state: str | None = None
+        self,
+        job_id: str,
+        fields: Mapping[str, Any],
+        *,
+        expect_state: str | None = None,
+        events: Sequence[OutboxRecord] = (),
     ) -> bool:
         """Set columns of one job; with `expect_state`, only if the job is in that state.
+        `events` go to the outbox in the same transaction (when a row changed; an event
+        already there, by id and channel, is kept as it is).
 
         Returns whether a row was changed.
         """
 
-    async def update_many(self, changes: Sequence[tuple[str, Mapping[str, Any]]]) -> None:
-        """Set columns of several jobs in one transaction (batched transitions)."""
+    async def update_many(
+        self,
+        changes: Sequence[tuple[str, Mapping[str, Any]]],
+        events: Sequence[OutboxRecord] = (),
+    ) -> None:
+        """Set columns of several jobs in one transaction (batched transitions), with
+        their `events`."""
 
     async def delete(self, job_ids: Sequence[str]) -> None: ...
 
@@ -235,9 +288,10 @@ class Ledger(Protocol):
         self,
         deliveries: Sequence[DeliveryRecord],
         jobs: Sequence[tuple[str, Mapping[str, Any]]] = (),
+        events: Sequence[OutboxRecord] = (),
     ) -> None:
-        """Write sinks' states (insert or replace) and set columns of jobs, in one
-        transaction: a job and its sinks never disagree after a crash."""
+        """Write sinks' states (insert or replace) and set columns of jobs, with their
+        `events`, in one transaction: a job and its sinks never disagree after a crash."""
 
     async def deliveries(self, job_id: str) -> list[DeliveryRecord]:
         """A job's sinks, by name."""
@@ -245,6 +299,33 @@ class Ledger(Protocol):
     async def delivery_backlog(self) -> list[tuple[str, str, int, float | None]]:
         """Per route and sink: deliveries not yet delivered nor failed, and when the
         oldest of them began (`created_at`)."""
+
+    async def take_outbox(
+        self,
+        now: float,
+        owner: str,
+        lease_s: float,
+        *,
+        limit: int,
+        channel: str | None = None,
+        due_only: bool = True,
+    ) -> list[OutboxRecord]:
+        """Pending events whose next attempt is due (`due_only`; otherwise every pending
+        one, for a digest), oldest first, now held by `owner` for `lease_s`; those
+        another live replica holds are skipped."""
+
+    async def outbox_done(self, records: Sequence[OutboxRecord]) -> None:
+        """Write the state, attempts, next attempt, error and `sent_at` of events the
+        dispatcher tried, releasing them."""
+
+    async def outbox_backlog(self) -> list[tuple[str, int, float | None]]:
+        """Per channel: pending events and when the oldest was written."""
+
+    async def outbox_query(self, *, pending_only: bool, limit: int) -> list[OutboxRecord]:
+        """Events, newest first (for `filedock events`)."""
+
+    async def prune_outbox(self, before: float, limit: int) -> int:
+        """Delete sent and failed events written before `before`; returns how many."""
 
     async def older_than(self, states: Sequence[str], before: float, limit: int) -> list[JobRecord]:
         """Final jobs last updated before `before` (for the reaper), oldest first."""

@@ -27,8 +27,10 @@ from service.ledger.base import (
     UNFINISHED,
     DeliveryRecord,
     JobRecord,
+    OutboxRecord,
     check_fields,
 )
+from service.ledger.postgres_outbox import OUTBOX_SCHEMA, PostgresOutbox, insert_events
 
 __all__ = ["PostgresLedger"]
 
@@ -83,9 +85,10 @@ _SCHEMA: Final[tuple[str, ...]] = (
     "CREATE INDEX jobs_updated ON jobs (updated_at)",
     "CREATE INDEX jobs_owner ON jobs (owner) WHERE owner IS NOT NULL",
     *_DELIVERIES,
+    *OUTBOX_SCHEMA,
 )
 # Steps from version n to n + 1, applied in order under the migration lock.
-_MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {1: _DELIVERIES}
+_MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {1: _DELIVERIES, 2: OUTBOX_SCHEMA}
 
 # A lock key is the 64-bit hash of "<schema>:<name>", computed by the server.
 _LOCK_KEY: Final = "hashtextextended(coalesce(current_schema(), '') || ':' || %s, 0)"
@@ -117,7 +120,7 @@ async def _durable_commits(conn: psycopg.AsyncConnection[Any]) -> None:
         await conn.execute("SET synchronous_commit TO on")
 
 
-class PostgresLedger:
+class PostgresLedger(PostgresOutbox):
     """The ledger in a PostgreSQL database, for one or several replicas.
 
     Args:
@@ -273,7 +276,12 @@ class PostgresLedger:
             await cur.executemany(query, rows)
 
     async def update(
-        self, job_id: str, fields: Mapping[str, Any], *, expect_state: str | None = None
+        self,
+        job_id: str,
+        fields: Mapping[str, Any],
+        *,
+        expect_state: str | None = None,
+        events: Sequence[OutboxRecord] = (),
     ) -> bool:
         check_fields(fields)
         query = sql.SQL("UPDATE jobs SET {} WHERE id = %s").format(
@@ -283,13 +291,25 @@ class PostgresLedger:
         if expect_state is not None:
             query += sql.SQL(" AND state = %s")
             params.append(expect_state)
-        return await self._execute(query, params) > 0
+        if not events:
+            return await self._execute(query, params) > 0
+        async with self._connection() as conn, conn.transaction(), conn.cursor() as cur:
+            await cur.execute(query, params)
+            changed = cur.rowcount > 0
+            if changed:
+                await insert_events(cur, events)
+        return changed
 
-    async def update_many(self, changes: Sequence[tuple[str, Mapping[str, Any]]]) -> None:
+    async def update_many(
+        self,
+        changes: Sequence[tuple[str, Mapping[str, Any]]],
+        events: Sequence[OutboxRecord] = (),
+    ) -> None:
         if not changes:
             return
         async with self._connection() as conn, conn.transaction(), conn.cursor() as cur:
             await _update_jobs(cur, changes)
+            await insert_events(cur, events)
 
     async def delete(self, job_ids: Sequence[str]) -> None:
         if job_ids:
@@ -297,12 +317,17 @@ class PostgresLedger:
                 await conn.execute(
                     "DELETE FROM deliveries WHERE job_id = ANY(%s)", (list(job_ids),)
                 )
+                await conn.execute(
+                    "DELETE FROM outbox WHERE job_id = ANY(%s) AND state != 'pending'",
+                    (list(job_ids),),
+                )
                 await conn.execute("DELETE FROM jobs WHERE id = ANY(%s)", (list(job_ids),))
 
     async def save_deliveries(
         self,
         deliveries: Sequence[DeliveryRecord],
         jobs: Sequence[tuple[str, Mapping[str, Any]]] = (),
+        events: Sequence[OutboxRecord] = (),
     ) -> None:
         upsert = sql.SQL(
             "INSERT INTO deliveries ({}) VALUES ({}) ON CONFLICT (job_id, sink) DO UPDATE SET {}"
@@ -320,6 +345,7 @@ class PostgresLedger:
             await _update_jobs(cur, jobs)
             if rows:
                 await cur.executemany(upsert, rows)
+            await insert_events(cur, events)
 
     async def deliveries(self, job_id: str) -> list[DeliveryRecord]:
         rows = await self._fetch(

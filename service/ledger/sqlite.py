@@ -22,10 +22,12 @@ from service.ledger.base import (
     UNFINISHED,
     DeliveryRecord,
     JobRecord,
+    OutboxRecord,
     check_fields,
     decode_history,
     encode_history,
 )
+from service.ledger.sqlite_outbox import SqliteOutbox, insert_events
 from service.ledger.sqlite_writer import WriterThread
 
 __all__ = ["SqliteLedger"]
@@ -72,7 +74,7 @@ def _encode(column: str, value: Any) -> Any:
     return encode_history(value) if column == "history" else value
 
 
-class SqliteLedger:
+class SqliteLedger(SqliteOutbox):
     """The ledger in one SQLite file, for a single replica on node-local storage."""
 
     def __init__(self, path: Path) -> None:
@@ -101,24 +103,37 @@ class SqliteLedger:
         await self._writer.call(lambda c: c.executemany(sql, rows), durable=True)
 
     async def update(
-        self, job_id: str, fields: Mapping[str, Any], *, expect_state: str | None = None
+        self,
+        job_id: str,
+        fields: Mapping[str, Any],
+        *,
+        expect_state: str | None = None,
+        events: Sequence[OutboxRecord] = (),
     ) -> bool:
-        check_fields(fields)
-        assignments = ", ".join(f"{k} = ?" for k in fields)
-        params = [_encode(k, v) for k, v in fields.items()] + [job_id]
-        sql = f"UPDATE jobs SET {assignments} WHERE id = ?"
+        ((sql, params),) = _updates([(job_id, fields)])
         if expect_state is not None:
             sql += " AND state = ?"
             params.append(expect_state)
-        changed: int = await self._writer.call(lambda c: c.execute(sql, params).rowcount)
-        return changed > 0
 
-    async def update_many(self, changes: Sequence[tuple[str, Mapping[str, Any]]]) -> None:
+        def op(c: sqlite3.Connection) -> int:
+            changed: int = c.execute(sql, params).rowcount
+            if changed:
+                insert_events(c, events)
+            return changed
+
+        return bool(await self._writer.call(op))
+
+    async def update_many(
+        self,
+        changes: Sequence[tuple[str, Mapping[str, Any]]],
+        events: Sequence[OutboxRecord] = (),
+    ) -> None:
         statements = _updates(changes)
 
         def op(c: sqlite3.Connection) -> None:
             for sql, params in statements:
                 c.execute(sql, params)
+            insert_events(c, events)
 
         if statements:
             await self._writer.call(op)
@@ -128,6 +143,7 @@ class SqliteLedger:
 
         def op(c: sqlite3.Connection) -> None:
             c.executemany("DELETE FROM deliveries WHERE job_id = ?", ids)
+            c.executemany("DELETE FROM outbox WHERE job_id = ? AND state != 'pending'", ids)
             c.executemany("DELETE FROM jobs WHERE id = ?", ids)
 
         await self._writer.call(op)
@@ -136,6 +152,7 @@ class SqliteLedger:
         self,
         deliveries: Sequence[DeliveryRecord],
         jobs: Sequence[tuple[str, Mapping[str, Any]]] = (),
+        events: Sequence[OutboxRecord] = (),
     ) -> None:
         sql = (
             f"INSERT OR REPLACE INTO deliveries ({', '.join(DELIVERY_COLUMNS)})"
@@ -154,6 +171,7 @@ class SqliteLedger:
             c.executemany(sql, rows)
             for update, params in statements:
                 c.execute(update, params)
+            insert_events(c, events)
 
         await self._writer.call(op)
 

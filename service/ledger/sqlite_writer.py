@@ -72,6 +72,24 @@ CREATE TABLE IF NOT EXISTS deliveries (
     PRIMARY KEY (job_id, sink)
 );
 CREATE INDEX IF NOT EXISTS deliveries_state ON deliveries (state, route, sink);
+CREATE TABLE IF NOT EXISTS outbox (
+    event_id TEXT NOT NULL,
+    channel TEXT NOT NULL,
+    type TEXT NOT NULL,
+    route TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    error TEXT,
+    created_at REAL NOT NULL,
+    sent_at REAL,
+    owner TEXT,
+    lease_expires_at REAL,
+    PRIMARY KEY (event_id, channel)
+);
+CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (state, next_attempt_at);
 """
 
 

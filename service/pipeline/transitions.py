@@ -16,6 +16,8 @@ from typing import Any
 from service.errors import JobError
 from service.importers import Result
 from service.ledger import DeliveryRecord, JobRecord, Ledger
+from service.ledger.base import OutboxRecord
+from service.notify.events import Outbox, job_event
 from service.pipeline.events import Kind, Subscriber, Transition
 from service.pipeline.job import Job
 from service.storage import archive as arch
@@ -53,9 +55,23 @@ _FAILED = (
 
 
 class Transitions:
-    def __init__(self, ledger: Ledger, subscribers: Sequence[Subscriber]) -> None:
+    """Writes each state change, with the events it causes for the outbox (`outbox`:
+    the configured channels; none, no events), and tells the subscribers."""
+
+    def __init__(
+        self, ledger: Ledger, subscribers: Sequence[Subscriber], outbox: Outbox | None = None
+    ) -> None:
         self.ledger = ledger
         self._subscribers = list(subscribers)
+        self.outbox = outbox or Outbox([])
+
+    def _events(
+        self, job: Job, kind: str, at: float, sink: DeliveryRecord | None = None
+    ) -> list[OutboxRecord]:
+        if not self.outbox:
+            return []
+        extra = {"deliveries": list(job.receipts())} if job.deliveries and sink is None else {}
+        return self.outbox.records([job_event(job.record, kind, at=at, sink=sink, **extra)])
 
     def subscribe(self, subscriber: Subscriber) -> None:
         """One more behaviour on every state change (a notifier, a test's recorder)."""
@@ -127,9 +143,12 @@ class Transitions:
 
     async def sink(self, job: Job, row: DeliveryRecord, **facts: Any) -> None:
         """A sink's state changed: an attempt began, or ended (`outcome` in `facts`:
-        delivered, found, retry, failed, paused)."""
+        delivered, found, retry, failed, paused). A sink failed for good is an event."""
         row.updated_at = time.time()
-        await self.ledger.save_deliveries([row])
+        events = self._events(job, "sink", row.updated_at, row) if row.state == "failed" else []
+        await self.ledger.save_deliveries([row], events=events)
+        if events:
+            self.outbox.written()
         if "outcome" in facts:
             self.emit("delivery", job.record, row.updated_at, sink=row, **facts)
 
@@ -167,14 +186,18 @@ class Transitions:
         now = time.time()
         for job in jobs:
             job.record.state, job.done_at = "done", now
+        events = [e for job in jobs for e in self._events(job, "done", now)]
         try:
             await self.ledger.update_many(
-                [_fields(j.record, "done", _DONE if j.recorded else _ARCHIVED) for j in jobs]
+                [_fields(j.record, "done", _DONE if j.recorded else _ARCHIVED) for j in jobs],
+                events=events,
             )
         except Exception:
             for job in jobs:
                 job.record.state = "archiving"
             raise
+        if events:
+            self.outbox.written()
 
     def report_done(self, job: Job) -> None:
         """A job recorded `done`: its event, once."""
@@ -192,7 +215,11 @@ class Transitions:
         r.outcome = outcome  # type: ignore[assignment]
         r.error_class, r.error = error.error_class, error.message[:4000]
         r.failed_path, r.next_attempt_at = str(failed_dir), None
-        await self.ledger.update(*_fields(r, "failed", _FAILED))
+        job_id, fields = _fields(r, "failed", _FAILED)
+        events = self._events(job, "failed", now)
+        await self.ledger.update(job_id, fields, events=events)
+        if events:
+            self.outbox.written()
         self.emit(
             "failed",
             r,

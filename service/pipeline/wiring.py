@@ -25,6 +25,7 @@ from service.discovery.readiness import Readiness
 from service.face.metrics import Metrics
 from service.importers import build_importer, group_importer
 from service.ledger import JobRecord, Ledger
+from service.notify.events import Outbox
 from service.pipeline.archiver import Archiver
 from service.pipeline.checks import Checks
 from service.pipeline.claimer import Claimer
@@ -77,7 +78,7 @@ class Pipeline:
         self.tally = Tally()
         self.in_flight = InFlight(intake)
         self.transitions = Transitions(
-            ledger, [metrics_subscriber(metrics), log_transition, self.tally]
+            ledger, [metrics_subscriber(metrics), log_transition, self.tally], Outbox(s.notify)
         )
         self.later = Later()
         self.set_aside = SetAsideStage(self.transitions, self.in_flight, folders, fs_threads)

@@ -21,6 +21,7 @@ from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from service.errors import ConfigError
+from service.settings.notify import ChannelSettings
 from service.settings.route import Route
 from service.settings.sections import Folders, HttpSettings, Retention
 
@@ -57,6 +58,16 @@ class Settings(BaseSettings):
     http: HttpSettings = HttpSettings()
     retention: Retention = Retention()
     routes: list[Route] = Field(default_factory=list)
+    notify: list[ChannelSettings] = Field(default_factory=list)
+
+    @field_validator("notify")
+    @classmethod
+    def _channels_distinct(cls, channels: list[ChannelSettings]) -> list[ChannelSettings]:
+        names = [ch.name for ch in channels]
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"channel name {name!r} is used twice")
+        return channels
 
     @field_validator("routes")
     @classmethod

@@ -3,7 +3,8 @@
 What goes, per kind (`settings.retention`, never below 7 days):
 - `archive`: a folder `archive/YYYY/MM/DD/<job-id>/` older than `archive_days`;
 - `failed`: a folder `failed/<job-id>/` older than `failed_days`;
-- `ledger`: a done or failed row whose `updated_at` is older than `ledger_days`.
+- `ledger`: a done or failed row whose `updated_at` is older than `ledger_days`; and
+  the outbox's sent (or given up) events written before then.
 
 A folder's age is its ledger row's `updated_at`, and only a done or failed row lets
 it go: a folder whose row is younger, or unfinished, stays. A folder without a row
@@ -242,6 +243,10 @@ class Reaper:
             with anyio.CancelScope(shield=True):
                 await self._ledger.delete(report.ledger)
                 self._metrics.reaped.labels("ledger").inc(len(report.ledger))
+        if not report.dry_run:  # sent events, kept as long as the ledger's rows
+            with anyio.CancelScope(shield=True):
+                events = await self._ledger.prune_outbox(now - r.ledger_days * _DAY, r.batch_size)
+            self._metrics.reaped.labels("events").inc(events)
 
         # A full batch that deleted nothing (say, folders we may not remove) must not spin.
         report.more = (

@@ -1,0 +1,182 @@
+"""The dispatcher: sends what the outbox holds, channel by channel, and marks it.
+
+It takes due events (leased, so that with several replicas each goes to one of
+them), hands each channel its share, and writes what became of each: `sent`, or a
+retry after the channel's backoff, or `failed` once `max_attempts` are used up. A
+crash after a send and before its mark sends that event again, with the same id:
+at least once everywhere, at most once where the channel deduplicates by id (NATS,
+a webhook receiver that keeps `webhook-id`). A digest channel (email) gets every
+pending event of its own once the oldest is due.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+
+import anyio
+
+from service.crash import crash_point
+from service.face.metrics import Metrics
+from service.ledger import Ledger
+from service.ledger.base import OutboxRecord
+from service.notify.base import Channel, ChannelError, Event
+from service.notify.events import Outbox
+from service.pipeline.retries import backoff
+from service.pipeline.streams import shielded
+from service.settings import Settings
+from service.settings.notify import ChannelSettings
+
+__all__ = ["Dispatcher", "build_channel"]
+
+log = logging.getLogger("filedock.notify")
+_BATCH = 500  # events taken at once
+_IDLE_S = 1.0  # looks at the outbox at least this often (due retries, other replicas' events)
+_DIGEST_MAX = 10_000  # events in one digest
+
+
+def build_channel(settings: ChannelSettings) -> Channel:
+    """The channel of a kind; each kind's client library is imported only when used."""
+    if settings.kind == "webhook":
+        from service.notify.webhook import WebhookSender
+
+        return WebhookSender(settings)
+    if settings.kind == "email":
+        from service.notify.email import EmailSender
+
+        return EmailSender(settings)
+    if settings.kind == "nats":
+        from service.notify.nats import NatsSender
+
+        return NatsSender(settings)
+    if settings.kind == "amqp":
+        from service.notify.amqp import AmqpSender
+
+        return AmqpSender(settings)
+    raise AssertionError(f"unknown channel kind {settings!r}")
+
+
+class Dispatcher:
+    def __init__(
+        self, settings: Settings, ledger: Ledger, metrics: Metrics, outbox: Outbox
+    ) -> None:
+        self.ledger = ledger
+        self.metrics = metrics
+        self.outbox = outbox
+        self.owner = settings.replica_id
+        self.lease_s = settings.lease_s
+        self.settings = {ch.name: ch for ch in settings.notify}
+        self.channels = {ch.name: build_channel(ch) for ch in settings.notify}
+        for name in self.channels:
+            metrics.declare_channel(name)
+
+    async def open(self) -> None:
+        from service.errors import StartupError
+
+        for name, channel in self.channels.items():
+            try:
+                await channel.open()
+            except ChannelError as e:
+                raise StartupError(f"notify.{name}: {e.message}") from None
+
+    async def aclose(self) -> None:
+        for channel in self.channels.values():
+            with anyio.CancelScope(shield=True):
+                await channel.close()
+
+    async def run(self) -> None:
+        while True:
+            if not await self.dispatch():
+                await self.outbox.wait_written(_IDLE_S)
+
+    async def dispatch(self) -> int:
+        """Send what is due now; returns how many events were tried."""
+        if not self.channels:
+            return 0
+        now = time.time()
+        try:
+            taken = await self.ledger.take_outbox(now, self.owner, self.lease_s, limit=_BATCH)
+        except Exception as e:
+            self.metrics.ledger_errors.inc()
+            log.error("cannot read the outbox", extra={"error": repr(e)[:300]})
+            return 0
+        by_channel: dict[str, list[OutboxRecord]] = defaultdict(list)
+        for record in taken:
+            by_channel[record.channel].append(record)
+        async with anyio.create_task_group() as tg:
+            for name, records in by_channel.items():
+                tg.start_soon(self._channel, name, records, now)
+        return len(taken)
+
+    async def _channel(self, name: str, records: list[OutboxRecord], now: float) -> None:
+        channel = self.channels.get(name)
+        if channel is None:  # a channel removed from the configuration: kept, not sent
+            return
+        if channel.digest:
+            rest = await self.ledger.take_outbox(
+                now, self.owner, self.lease_s, limit=_DIGEST_MAX, channel=name, due_only=False
+            )
+            seen = {r.event_id for r in records}
+            records += [r for r in rest if r.event_id not in seen]
+        events = [Event.from_json(r.payload) for r in records]
+        try:
+            with anyio.fail_after(self.settings[name].timeout_s * (1 if channel.digest else 4)):
+                results: Sequence[ChannelError | None] = await channel.send(events)
+        except TimeoutError:
+            results = [ChannelError("no answer in time")] * len(records)
+        except Exception as e:  # a bug of the channel: logged whole, retried
+            log.exception("channel raised", extra={"channel": name})
+            results = [ChannelError(repr(e)[:500])] * len(records)
+        crash_point("after_event_sent")
+        await shielded(self._mark(name, records, results))
+
+    async def _mark(
+        self, name: str, records: list[OutboxRecord], results: Sequence[ChannelError | None]
+    ) -> None:
+        ch, now = self.settings[name], time.time()
+        for record, error in zip(records, results, strict=True):
+            record.attempts += 1
+            if error is None:
+                record.state, record.sent_at, record.error = "sent", now, None
+                self.metrics.events_sent.labels(name).inc()
+                continue
+            record.error = error.message[:2000]
+            self.metrics.event_send_errors.labels(name).inc()
+            if error.retryable and record.attempts < ch.max_attempts:
+                record.next_attempt_at = now + backoff(ch, record.attempts)
+                continue
+            record.state = "failed"
+            self.metrics.events_failed.labels(name).inc()
+            log.error(
+                "event not sent, given up",
+                extra={"channel": name, "event_id": record.event_id, "error": record.error},
+            )
+        failures = [r for r in records if r.state == "pending"]
+        if failures:
+            log.warning(
+                "events will be sent again",
+                extra={
+                    "channel": name,
+                    "events": len(failures),
+                    "error": failures[0].error,
+                    "retry_in_s": round(failures[0].next_attempt_at - now, 3),
+                },
+            )
+        try:
+            await self.ledger.outbox_done(records)
+        except Exception as e:  # the lease runs out: they are sent again, same ids
+            self.metrics.ledger_errors.inc()
+            log.error("cannot mark events sent", extra={"error": repr(e)[:300]})
+
+    async def show_backlog(self) -> None:
+        """`filedock_outbox_pending` and the oldest pending event's age, per channel."""
+        backlog = {name: (n, oldest) for name, n, oldest in await self.ledger.outbox_backlog()}
+        now = time.time()
+        for name in self.channels:
+            n, oldest = backlog.get(name, (0, None))
+            self.metrics.outbox_pending.labels(name).set(n)
+            self.metrics.outbox_oldest_age.labels(name).set(
+                max(0.0, now - oldest) if oldest is not None else 0.0
+            )
