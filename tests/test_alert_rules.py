@@ -39,14 +39,18 @@ EXPECTED_ALERTS = {
     "FiledockSinkPaused",
     "FiledockDeliveryBacklogOld",
     "FiledockDeliveryFailing",
+    "FiledockNotifyChannelFailing",
+    "FiledockEventsGivenUp",
 }
 DATASOURCE_REF = {"type": "prometheus", "uid": "${datasource}"}
 # Every label a panel may group by or print. Anything naming a file (name, path, job id)
 # would explode the series count, and the service never exports it anyway. A sink's
-# label is its configured name, one of a few per route.
+# label is its configured name, one of a few per route; a notify channel's label is its
+# configured name too, one of a few per deployment.
 ALLOWED_LABELS = {
     "route",
     "sink",
+    "channel",
     "outcome",
     "error_class",
     "folder",
@@ -280,6 +284,11 @@ def test_the_required_panels_are_there() -> None:
         "max by (route, sink) (filedock_deliveries_waiting",
         "max by (route, sink) (filedock_oldest_delivery_age_seconds",
         "max by (route, sink) (filedock_sink_paused",
+        "sum by (channel) (rate(filedock_events_sent_total",
+        "sum by (channel) (rate(filedock_event_send_errors_total",
+        "sum by (channel) (increase(filedock_events_failed_total",
+        "max by (channel) (filedock_outbox_pending",
+        "max by (channel) (filedock_outbox_oldest_pending_age_seconds",
     ):
         assert needed in exprs, f"no panel shows {needed}"
 

@@ -10,6 +10,7 @@ real: a high failure ratio, and the service going away.
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import signal
@@ -154,6 +155,8 @@ def filedock(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Filedock]:
     base = tmp_path_factory.mktemp("filedock")
     root = base / "data"
     port = free_port()
+    # Nothing listens there: every event sent to the webhook fails and is retried.
+    closed_port = free_port()
     config = base / "filedock.yaml"
     (base / "share").mkdir()
     config.write_text(
@@ -178,10 +181,22 @@ def filedock(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Filedock]:
                         ],
                     }
                 ],
+                # A channel, so that the notification panels and rules see real series:
+                # its sends fail, their errors count and the events wait in the outbox.
+                "notify": [
+                    {
+                        "name": "downstream",
+                        "kind": "webhook",
+                        "url": f"http://127.0.0.1:{closed_port}/events",
+                        "secret": {"env": "NOTIFY_WEBHOOK_SECRET"},
+                        "backoff_s": 1,
+                    }
+                ],
             }
         )
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("FILEDOCK_")}
+    env["NOTIFY_WEBHOOK_SECRET"] = "whsec_" + base64.b64encode(b"integration-test-key").decode()
     log = base / "filedock.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
