@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import defaultdict
 from collections.abc import Sequence
 
 import anyio
@@ -96,24 +95,27 @@ class Dispatcher:
         if not self.channels:
             return 0
         now = time.time()
+        by_channel: dict[str, list[OutboxRecord]] = {}
         try:
-            taken = await self.ledger.take_outbox(now, self.owner, self.lease_s, limit=_BATCH)
+            # Channel by channel: the events of a channel no longer configured stay
+            # where they are, untouched.
+            for name in self.channels:
+                taken = await self.ledger.take_outbox(
+                    now, self.owner, self.lease_s, limit=_BATCH, channel=name
+                )
+                if taken:
+                    by_channel[name] = taken
         except Exception as e:
             self.metrics.ledger_errors.inc()
             log.error("cannot read the outbox", extra={"error": repr(e)[:300]})
             return 0
-        by_channel: dict[str, list[OutboxRecord]] = defaultdict(list)
-        for record in taken:
-            by_channel[record.channel].append(record)
         async with anyio.create_task_group() as tg:
             for name, records in by_channel.items():
                 tg.start_soon(self._channel, name, records, now)
-        return len(taken)
+        return sum(len(records) for records in by_channel.values())
 
     async def _channel(self, name: str, records: list[OutboxRecord], now: float) -> None:
-        channel = self.channels.get(name)
-        if channel is None:  # a channel removed from the configuration: kept, not sent
-            return
+        channel = self.channels[name]
         if channel.digest:
             rest = await self.ledger.take_outbox(
                 now, self.owner, self.lease_s, limit=_DIGEST_MAX, channel=name, due_only=False
