@@ -54,7 +54,7 @@ def test_help_lists_every_command() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "service", "--help"], capture_output=True, text=True, check=True
     ).stdout
-    for command in ("run", "check-config", "status", "jobs", "show", "retry", "reap"):
+    for command in ("run", "check-config", "status", "jobs", "show", "retry", "events", "reap"):
         assert command in out
 
 

@@ -44,13 +44,16 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="filedock",
         description="Event-driven file intake: claims each complete file dropped into "
-        "transfer/, imports it, and archives it (or sets it aside in failed/ with the reason).",
+        "transfer/, imports it, delivers it to the route's sinks, and archives it (or sets it "
+        "aside in failed/ with the reason); tells the notify channels what happened.",
         epilog="Docs: README.md and docs/ in the source tree.",
     )
     parser.add_argument("--version", action="version", version=f"filedock {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", parents=[common], help="serve (watch, import, archive)")
+    run = sub.add_parser(
+        "run", parents=[common], help="serve (watch, import, deliver, archive, notify)"
+    )
     run.add_argument(
         "--once",
         action="store_true",
@@ -61,7 +64,9 @@ def _parser() -> argparse.ArgumentParser:
         "check-config", parents=[common], help="validate and print the effective configuration"
     )
     status = sub.add_parser(
-        "status", parents=[common], help="files per folder (count, bytes, oldest); jobs per state"
+        "status",
+        parents=[common],
+        help="files per folder (count, bytes, oldest); jobs per state; deliveries per sink",
     )
     status.add_argument("--json", action="store_true", help="machine-readable output")
 
