@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import ssl
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Any
@@ -30,6 +29,7 @@ import aiofiles.os
 import httpx
 
 from service.delivery.base import Item, Receipt, Sink, SinkError, modified, unreadable
+from service.httpclient import client, verification
 from service.settings.sinks import HttpSink
 
 __all__ = ["HttpDelivery"]
@@ -77,25 +77,12 @@ class HttpDelivery(Sink):
             except ValueError as e:
                 what = f"sink {s.name}: secret header {header}: {e}"
                 raise SinkError("sink_config", what, retryable=False) from None
-        verify: ssl.SSLContext | bool = s.verify_tls
-        if s.ca_file is not None:
-            try:
-                verify = ssl.create_default_context(cafile=s.ca_file)
-            except (OSError, ssl.SSLError) as e:
-                what = f"sink {s.name}: ca_file {s.ca_file}: {e}"
-                raise SinkError("sink_config", what, retryable=False) from None
+        try:
+            verify = verification(s.verify_tls, s.ca_file)
+        except ValueError as e:
+            raise SinkError("sink_config", f"sink {s.name}: {e}", retryable=False) from None
         self._secrets = secrets
-        self._client = httpx.AsyncClient(
-            verify=verify,
-            timeout=httpx.Timeout(s.timeout_s),
-            limits=httpx.Limits(
-                max_connections=s.concurrency, max_keepalive_connections=s.concurrency
-            ),
-            follow_redirects=False,
-            # .netrc credentials and proxy settings from the environment are not the
-            # configuration's: a sink talks to what its settings name, nothing else.
-            trust_env=False,
-        )
+        self._client = client(verify=verify, timeout_s=s.timeout_s, concurrency=s.concurrency)
 
     async def close(self) -> None:
         if self._client is not None:

@@ -34,7 +34,7 @@ from aio_pika.abc import AbstractExchange, AbstractRobustChannel, AbstractRobust
 from aiormq.abc import DeliveredMessage
 from aiormq.exceptions import ChannelAccessRefused
 
-from service.notify.base import Channel, ChannelError, Event
+from service.notify.base import Channel, ChannelError, ConnectionLost, Event
 from service.settings.notify import AmqpChannel
 
 __all__ = ["AmqpSender"]
@@ -48,14 +48,6 @@ _CONTENT_TYPE = "application/cloudevents+json"
 _NO_ROUTE = 312
 _REOPEN_WAIT_S = 1.0
 _MAX_ROUTING_KEY = 255  # bytes: an AMQP short string
-
-
-class _Lost(Exception):
-    """The connection or the channel failed: the rest of the batch is not tried."""
-
-    def __init__(self, error: ChannelError) -> None:
-        super().__init__(error.message)
-        self.error = error
 
 
 class AmqpSender(Channel):
@@ -97,7 +89,7 @@ class AmqpSender(Channel):
                 break
             try:
                 results.append(await self._publish(exchange, event, left))
-            except _Lost as lost:
+            except ConnectionLost as lost:
                 results += _each(lost.error, len(events) - len(results))
                 break
         return results
@@ -216,7 +208,9 @@ class AmqpSender(Channel):
         )
         conn = self._conn
         if conn is None or not conn.connected.is_set():
-            raise _Lost(ChannelError(f"the connection to {self._shown} is lost; reconnecting"))
+            raise ConnectionLost(
+                ChannelError(f"the connection to {self._shown} is lost; reconnecting")
+            )
         try:
             with anyio.fail_after(timeout_s):
                 confirmed = await exchange.publish(message, key, mandatory=True, timeout=timeout_s)
@@ -226,9 +220,9 @@ class AmqpSender(Channel):
             return ChannelError(f"RabbitMQ refused the message for routing key {key} (nack)")
         except TimeoutError:
             what = f"no confirm for routing key {key} within {timeout_s:.3g}s"
-            raise _Lost(ChannelError(what)) from None
+            raise ConnectionLost(ChannelError(what)) from None
         except (amqp_errors.AMQPError, RuntimeError, OSError) as e:  # Runtime: channel closed
-            raise _Lost(self._error(e, f"publishing to {self._shown} failed")) from None
+            raise ConnectionLost(self._error(e, f"publishing to {self._shown} failed")) from None
         if isinstance(confirmed, DeliveredMessage):  # returned, not raised
             return ChannelError(f"no queue is bound for routing key {key} on {self._where()}")
         return None

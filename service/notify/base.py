@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Channel", "ChannelError", "Event"]
+__all__ = ["Channel", "ChannelError", "ConnectionLost", "Event"]
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,15 @@ class ChannelError(Exception):
         super().__init__(message)
         self.message = message
         self.retryable = retryable
+
+
+class ConnectionLost(Exception):
+    """A channel's connection failed under a send: the rest of its batch is not tried
+    (each event gets `error`)."""
+
+    def __init__(self, error: ChannelError) -> None:
+        super().__init__(error.message)
+        self.error = error
 
 
 class Channel(abc.ABC):

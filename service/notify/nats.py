@@ -32,7 +32,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js import errors as js_errors
 
-from service.notify.base import Channel, ChannelError, Event
+from service.notify.base import Channel, ChannelError, ConnectionLost, Event
 from service.settings.notify import NatsChannel
 
 __all__ = ["NatsSender"]
@@ -47,14 +47,6 @@ _PING_INTERVAL_S = 20
 _BATCH_TIMEOUTS = 2
 _CONTENT_TYPE = "application/cloudevents+json"
 _WRONG_STREAM = 10060  # JetStream's "expected stream does not match"
-
-
-class _Lost(Exception):
-    """The connection failed under a publish: the rest of the batch is not tried."""
-
-    def __init__(self, error: ChannelError) -> None:
-        super().__init__(error.message)
-        self.error = error
 
 
 class NatsSender(Channel):
@@ -95,7 +87,7 @@ class NatsSender(Channel):
                 break
             try:
                 results.append(await self._publish(nc, js, event, left))
-            except _Lost as lost:
+            except ConnectionLost as lost:
                 results += _each(lost.error, len(events) - len(results))
                 break
         return results
@@ -192,7 +184,7 @@ class NatsSender(Channel):
         except (ValueError, TypeError) as e:
             return ChannelError(f"event {event.id}: {e}", retryable=False)
         if not nc.is_connected:
-            raise _Lost(ChannelError(f"the connection to NATS at {self._shown} is lost"))
+            raise ConnectionLost(ChannelError(f"the connection to NATS at {self._shown} is lost"))
         scope = anyio.CancelScope()
         self._in_flight.add(scope)
         try:
@@ -208,17 +200,17 @@ class NatsSender(Channel):
             return ChannelError(f"JetStream refused subject {subject}: {e.description}")
         except nats_errors.TimeoutError:
             what = f"no acknowledgement for subject {subject} within {timeout_s:.3g}s"
-            raise _Lost(ChannelError(what)) from None
+            raise ConnectionLost(ChannelError(what)) from None
         except (nats_errors.BadSubjectError, nats_errors.MaxPayloadError) as e:
             return ChannelError(f"cannot publish to subject {subject!r}: {e}", retryable=False)
         except (nats_errors.Error, OSError) as e:
             what = f"publishing to NATS at {self._shown} failed: {_describe(e)}"
-            raise _Lost(ChannelError(what)) from None
+            raise ConnectionLost(ChannelError(what)) from None
         finally:
             self._in_flight.discard(scope)
         if scope.cancelled_caught:
             what = f"the connection to NATS at {self._shown} was lost before the acknowledgement"
-            raise _Lost(ChannelError(what))
+            raise ConnectionLost(ChannelError(what))
         if s.stream is not None and ack.stream != s.stream:
             return ChannelError(f"subject {subject} went to stream {ack.stream}, not {s.stream}")
         return None

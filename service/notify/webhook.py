@@ -29,6 +29,7 @@ import httpx
 import orjson
 from standardwebhooks import Webhook
 
+from service.httpclient import client, verification
 from service.notify.base import Channel, ChannelError, Event
 from service.settings.notify import WebhookChannel
 
@@ -68,30 +69,15 @@ class WebhookSender(Channel):
         if key is None:
             what = f"webhook {s.name}: the secret is not `whsec_` and base64 (value not shown)"
             raise ChannelError(what, retryable=False)
-        verify: ssl.SSLContext | bool = s.verify_tls
-        if s.ca_file is not None:
-            try:
-                verify = ssl.create_default_context(cafile=s.ca_file)
-            except (OSError, ssl.SSLError) as e:
-                what = f"webhook {s.name}: ca_file {s.ca_file}: {e}"
-                raise ChannelError(what, retryable=False) from None
-            if not s.verify_tls:
-                verify.check_hostname = False
-                verify.verify_mode = ssl.CERT_NONE
+        try:
+            verify = verification(s.verify_tls, s.ca_file)
+        except ValueError as e:
+            raise ChannelError(f"webhook {s.name}: {e}", retryable=False) from None
         self._signer = Webhook(key)
         self._masked = tuple(
             v for v in (secret, secret.removeprefix(_SECRET_PREFIX)) if len(v) >= 4
         )
-        self._client = httpx.AsyncClient(
-            verify=verify,
-            timeout=httpx.Timeout(s.timeout_s),
-            limits=httpx.Limits(
-                max_connections=s.concurrency, max_keepalive_connections=s.concurrency
-            ),
-            follow_redirects=False,
-            # Proxies and .netrc from the environment are not the configuration's.
-            trust_env=False,
-        )
+        self._client = client(verify=verify, timeout_s=s.timeout_s, concurrency=s.concurrency)
 
     async def close(self) -> None:
         if self._client is not None:
