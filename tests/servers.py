@@ -188,9 +188,12 @@ def _served(process: ServerProcess) -> Iterator[ServerProcess]:
 
 
 @contextmanager
-def sftp_server(base: Path, serve: Path, *, read_only: bool = False) -> Iterator[SftpServer]:
+def sftp_server(
+    base: Path, serve: Path, *, read_only: bool = False, max_sessions: int = 10
+) -> Iterator[SftpServer]:
     """OpenSSH's sshd, run as the current user, offering only internal-sftp in `serve`
-    (`read_only`: internal-sftp -R, which refuses every write).
+    (`read_only`: internal-sftp -R, which refuses every write; `max_sessions`: its
+    MaxSessions, the channels one connection may open).
 
     An unprivileged sshd authenticates only the user it runs as; as root it needs
     `/run/sshd` (its privilege-separation folder).
@@ -205,7 +208,7 @@ def sftp_server(base: Path, serve: Path, *, read_only: bool = False) -> Iterator
         f"PidFile {home / 'sshd.pid'}\nAuthorizedKeysFile {home / 'authorized_keys'}\n"
         "StrictModes no\nUsePAM yes\nPasswordAuthentication no\n"
         "KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n"
-        f"Subsystem sftp internal-sftp\n"
+        f"MaxSessions {max_sessions}\nSubsystem sftp internal-sftp\n"
         f"ForceCommand internal-sftp {'-R ' if read_only else ''}-d {serve}\n"
     )
     if os.geteuid() == 0:

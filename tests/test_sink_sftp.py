@@ -566,3 +566,22 @@ async def test_a_password_is_used_where_no_key_is_given(
         assert (error.error_class, error.retryable) == ("sink_denied", False)
         assert "not-the-password" not in error.message
     assert names(folder) == ["a.csv"]
+
+
+async def test_more_deliveries_than_the_server_takes_sessions_open_more_connections(
+    tmp_path: Path,
+) -> None:
+    """sshd refuses a connection's channels past MaxSessions: a sink whose concurrency
+    is higher opens more connections, and loses no delivery to the refusal."""
+    folder = tmp_path / "served"
+    folder.mkdir()
+    with sftp_server(tmp_path, folder, max_sessions=2) as server:
+        served = Served("openssh", server, folder)
+        items = [item(tmp_path, f"n/{n}.bin", os.urandom(50_000 + n)) for n in range(12)]
+        s = settings(served, ".", tmp_path, concurrency=6, sessions_per_connection=8)
+        async with opened(s) as sink, anyio.create_task_group() as tg:
+            for it in items:
+                tg.start_soon(sink.deliver, it)
+        for n, it in enumerate(items):
+            assert (folder / f"n/{n}.bin").read_bytes() == it.path.read_bytes()
+        assert 3 <= server.logins() <= 6  # two sessions a connection: at least three

@@ -1,11 +1,13 @@
-"""The SFTP sink's connection: one SSH connection for all of a sink's deliveries,
-opened when a delivery first needs it (a server down at start stops nothing) and again
-after it drops, with the server's host key pinned by `known_hosts`.
+"""The SFTP sink's connections: SSH connections shared by all of a sink's deliveries,
+opened when a delivery first needs one (a server down at start stops nothing) and again
+after one drops, with the server's host key pinned by `known_hosts`.
 
 Its SFTP sessions (one channel each, served by a process of its own on OpenSSH) are
-kept for the next deliveries, at most `concurrency` at once. Credentials are read
-once, when the sink opens; nothing of the host's own SSH setup (`~/.ssh/config`, its
-agent, its default keys, its known_hosts) is used.
+kept for the next deliveries, at most `concurrency` at once, and at most
+`sessions_per_connection` on one connection: OpenSSH refuses more than `MaxSessions`
+(10 by default) channels on a connection, so a sink with a higher concurrency opens
+a second one. Credentials are read once, when the sink opens; nothing of the host's
+own SSH setup (`~/.ssh/config`, its agent, its default keys, its known_hosts) is used.
 """
 
 from __future__ import annotations
@@ -31,10 +33,11 @@ __all__ = ["GONE", "Connection"]
 
 log = logging.getLogger("filedock.delivery")
 
-# What says the connection itself is gone: the next delivery opens a new one.
+# What says the connection itself is gone: the next delivery opens a new one. (A
+# session refused on a live connection, ChannelOpenError, is the server's limit of
+# sessions: `_session` opens another connection instead.)
 GONE = (
     asyncssh.DisconnectError,
-    asyncssh.ChannelOpenError,
     asyncssh.SFTPConnectionLost,
     asyncssh.SFTPNoConnection,
     OSError,
@@ -59,13 +62,14 @@ class _HostKeys(asyncssh.SSHClient):
 
 
 class Connection:
-    """One SSH connection to a sink's server and its idle SFTP sessions."""
+    """A sink's SSH connections to its server, their sessions, and the idle ones."""
 
     def __init__(self, settings: SftpSink) -> None:
         self.settings = settings
         self._options: asyncssh.SSHClientConnectionOptions | None = None
-        self._conn: asyncssh.SSHClientConnection | None = None
-        self._idle: list[asyncssh.SFTPClient] = []
+        self._open: dict[asyncssh.SSHClientConnection, int] = {}  # sessions on each
+        self._room: dict[asyncssh.SSHClientConnection, int] = {}  # the most it takes
+        self._idle: list[tuple[asyncssh.SSHClientConnection, asyncssh.SFTPClient]] = []
         self._lock = anyio.Lock()
         self._limiter = anyio.CapacityLimiter(settings.concurrency)
         self._accepted: set[str] = set()  # unknown host keys logged already
@@ -112,43 +116,78 @@ class Connection:
                 self._keep(conn, sftp)
                 raise
             except BaseException as e:
-                sftp.exit()
+                self._end(conn, sftp)
                 if isinstance(e, GONE):
-                    conn.close()
+                    self._drop(conn)
                 raise
             self._keep(conn, sftp)
 
     async def close(self) -> None:
-        conn, self._conn = self._conn, None
+        conns = list(self._open)
+        self._open.clear()
         self._idle.clear()
-        if conn is not None:
+        for conn in conns:
             conn.close()
-            with anyio.move_on_after(_CLOSE_S, shield=True):
+        with anyio.move_on_after(_CLOSE_S, shield=True):
+            for conn in conns:
                 await conn.wait_closed()
 
     async def _session(self) -> tuple[asyncssh.SSHClientConnection, asyncssh.SFTPClient]:
-        conn = await self._connected()
-        if self._idle:
-            return conn, self._idle.pop()
-        try:
-            return conn, await conn.start_sftp_client()
-        except GONE:  # it died while idle, and shows it only now: one new connection
-            conn.close()
-            conn = await self._connected()
-            return conn, await conn.start_sftp_client()
+        while self._idle:
+            conn, sftp = self._idle.pop()
+            if not conn.is_closed():
+                return conn, sftp
+            self._end(conn, sftp)
+        for _ in range(3):  # a connection that died while idle shows it only now
+            conn = await self._connection()
+            self._open[conn] += 1
+            try:
+                return conn, await conn.start_sftp_client()
+            except asyncssh.ChannelOpenError:
+                self._open[conn] -= 1
+                if conn.is_closed():
+                    self._drop(conn)
+                    continue
+                # The server's limit of sessions on a connection: another one takes more.
+                self._room[conn] = max(1, self._open[conn])
+                log.warning(
+                    "the SFTP server refused another session on a connection; opening another",
+                    extra={"sink": self.settings.name, "sessions": self._open[conn]},
+                )
+            except GONE:
+                self._open[conn] -= 1
+                self._drop(conn)
+        raise SinkError("sink_unreachable", "no SFTP session could be opened", retryable=True)
 
     def _keep(self, conn: asyncssh.SSHClientConnection, sftp: asyncssh.SFTPClient) -> None:
-        if conn is self._conn and not conn.is_closed():
-            self._idle.append(sftp)
+        if conn in self._open and not conn.is_closed():
+            self._idle.append((conn, sftp))
         else:
-            sftp.exit()
+            self._end(conn, sftp)
 
-    async def _connected(self) -> asyncssh.SSHClientConnection:
+    def _end(self, conn: asyncssh.SSHClientConnection, sftp: asyncssh.SFTPClient) -> None:
+        sftp.exit()
+        if conn in self._open:
+            self._open[conn] -= 1
+
+    def _drop(self, conn: asyncssh.SSHClientConnection) -> None:
+        conn.close()
+        self._open.pop(conn, None)
+        self._room.pop(conn, None)
+        self._idle = [(c, s) for c, s in self._idle if c is not conn]
+
+    async def _connection(self) -> asyncssh.SSHClientConnection:
+        """A live connection with room for one more session, opened if none has."""
         async with self._lock:
-            if self._conn is None or self._conn.is_closed():
-                self._idle.clear()
-                self._conn = await self._connect()
-            return self._conn
+            for conn in [c for c in self._open if c.is_closed()]:
+                self._drop(conn)
+            limit = self.settings.sessions_per_connection
+            for conn, n in self._open.items():
+                if n < min(limit, self._room.get(conn, limit)):
+                    return conn
+            conn = await self._connect()
+            self._open[conn] = 0
+            return conn
 
     async def _connect(self) -> asyncssh.SSHClientConnection:
         s = self.settings

@@ -207,6 +207,9 @@ class SftpSink(_Placed):
     root: str = "."  # the remote folder targets are relative to (absolute, or from login)
     dir_mode: int = Field(default=0o755, ge=0, le=0o7777)
     file_mode: int = Field(default=0o644, ge=0, le=0o7777)
+    # OpenSSH takes at most MaxSessions (10) sessions on one connection; more
+    # deliveries at once open more connections.
+    sessions_per_connection: int = Field(default=8, ge=1, le=64)
 
     @model_validator(mode="after")
     def _credentials(self) -> SftpSink:
