@@ -606,14 +606,20 @@ def table(results: dict[str, Any]) -> str:
         for pair, s in r["ratios"].items():
             lines.append(f"| {pair} | {fmt(s['done'], 2)} | {fmt(s['last_receipt'], 2)} |")
         lines.append("")
+    return "\n".join(lines + targets_table(results))
+
+
+def targets_table(results: dict[str, Any]) -> list[str]:
+    """Each case's targets against what was measured, as table lines."""
     targets = [t for r in results["cases"].values() for t in r.get("targets", [])]
-    if targets:
-        lines += ["| target | measured (median; memory: highest) | result |", "|---|---|---|"]
-        for t in targets:
-            m = "—" if t["measured"] is None else f"{t['measured']:,.2f} {t['unit']}"
-            verdict = {True: "met", False: "**missed**", None: "not measured"}[t["pass"]]
-            lines.append(f"| {t['target']} | {m} | {verdict} |")
-    return "\n".join(lines)
+    if not targets:
+        return []
+    lines = ["| target | measured (median; memory: highest) | result |", "|---|---|---|"]
+    for t in targets:
+        m = "—" if t["measured"] is None else f"{t['measured']:,.2f} {t['unit']}"
+        verdict = {True: "met", False: "**missed**", None: "not measured"}[t["pass"]]
+        lines.append(f"| {t['target']} | {m} | {verdict} |")
+    return lines
 
 
 def brief(results: dict[str, Any]) -> dict[str, Any]:

@@ -44,11 +44,15 @@ def setup_logging(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # The client libraries log a line per request or connection; their failures reach
+    # our own log lines, with the job, sink or channel they hit.
     for noisy in (
         "watchfiles",
         "uvicorn",
         "uvicorn.error",
         "uvicorn.access",
+        "httpx",
+        "httpcore",
         "asyncssh",
         "aiormq",
         "aio_pika",
