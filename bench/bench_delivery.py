@@ -47,7 +47,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -509,6 +509,23 @@ def run_case(
     expected: int,
     sample_s: float,
 ) -> dict[str, Any]:
+    runners = {"filedock": run_filedock, "rclone": run_rclone}
+    given = {"place": place, "expected": expected, "sample_s": sample_s}
+    runs = run_rounds(ctx, case, contenders, rounds, runners, given, _brief)
+    return summarise(case, contenders, runs, expected)
+
+
+def run_rounds(
+    ctx: Any,
+    case: str,
+    contenders: list[Contender],
+    rounds: int,
+    runners: dict[str, Callable[..., dict[str, Any]]],
+    given: dict[str, Any],
+    describe: Callable[[dict[str, Any]], str],
+) -> dict[str, list[dict[str, Any]]]:
+    """Every contender in turn, `rounds` times, each in a fresh folder of `ctx`'s: its
+    tool's runner gets `ctx`, the contender, the folder, the run's label and `given`."""
     runs: dict[str, list[dict[str, Any]]] = {c.name: [] for c in contenders}
     for r in range(rounds):
         for c in contenders:
@@ -516,43 +533,36 @@ def run_case(
             work = ctx.fresh(label)
             load1 = os.getloadavg()[0]
             try:
-                runner = run_filedock if c.tool == "filedock" else run_rclone
-                res = runner(ctx, c, work, place, expected, label, sample_s)
+                res = runners[c.tool](ctx, c, work, label=label, **given)
             finally:
                 shutil.rmtree(work, ignore_errors=True)
             res["load1_before"] = load1
             runs[c.name].append(res)
-            print(f"  {case} round {r + 1}/{rounds} {c.name}: {_brief(res)}", flush=True)
-    return summarise(case, contenders, runs, expected)
+            print(f"  {case} round {r + 1}/{rounds} {c.name}: {describe(res)}", flush=True)
+    return runs
 
 
 def _brief(res: dict[str, Any]) -> str:
+    return describe_run(res, "weed")
+
+
+def describe_run(res: dict[str, Any], server: str) -> str:
+    """One run in a line: times, CPU (the service's and the server's), memory, and
+    whether every file arrived whole."""
     text = f"{res['seconds']:.2f} s"
     if res.get("last_delivered_s") is not None:
         text += f" (last receipt {res['last_delivered_s']:.2f} s)"
-    text += f", CPU {res['cpu_s']:.1f} s, weed CPU {res['weed_cpu_s']:.1f} s"
+    text += f", CPU {res['cpu_s']:.1f} s, {server} CPU {res[server + '_cpu_s']:.1f} s"
     if res.get("peak_pss_mib"):
         text += f", peak PSS {res['peak_pss_mib']:.1f} MiB"
     v = res["verify"]
-    return text + ("" if v["ok"] else f", OBJECTS WRONG: {v}")
+    return text + ("" if v["ok"] else f", FILES WRONG: {v}")
 
 
 def summarise(
     case: str, contenders: list[Contender], runs: dict[str, list[dict[str, Any]]], n: int
 ) -> dict[str, Any]:
-    out: dict[str, Any] = {"files": n, "runs": runs, "contenders": {}, "ratios": {}}
-    for c in contenders:
-        rs = runs[c.name]
-        out["contenders"][c.name] = {key: summary([r.get(key) for r in rs]) for key in MEASURES}
-    fds = [c.name for c in contenders if c.tool == "filedock"]
-    rcs = [c.name for c in contenders if c.tool == "rclone"]
-    for f in fds:
-        for rc in rcs:
-            pairs = list(zip(runs[f], runs[rc], strict=True))
-            out["ratios"][f"{rc} / {f}"] = {
-                "done": summary([b["seconds"] / a["seconds"] for a, b in pairs]),
-                "last_receipt": summary([b["seconds"] / a["last_delivered_s"] for a, b in pairs]),
-            }
+    out = ratios(contenders, runs, n, MEASURES)
     targets = []
     main = out["ratios"].get("rclone / filedock")
     if main:
@@ -564,6 +574,30 @@ def summarise(
         what = "big: filedock peak PSS while uploading ≤ 100 MB"
         targets.append(_target(what, peak, "MB", 100, below=True))
     out["targets"] = targets
+    return out
+
+
+def ratios(
+    contenders: list[Contender],
+    runs: dict[str, list[dict[str, Any]]],
+    n: int,
+    measures: Sequence[str],
+) -> dict[str, Any]:
+    """Each contender's measures, and rclone's time over filedock's, per round, for
+    every pair of them."""
+    out: dict[str, Any] = {"files": n, "runs": runs, "contenders": {}, "ratios": {}}
+    for c in contenders:
+        rs = runs[c.name]
+        out["contenders"][c.name] = {key: summary([r.get(key) for r in rs]) for key in measures}
+    fds = [c.name for c in contenders if c.tool == "filedock"]
+    rcs = [c.name for c in contenders if c.tool == "rclone"]
+    for f in fds:
+        for rc in rcs:
+            pairs = list(zip(runs[f], runs[rc], strict=True))
+            out["ratios"][f"{rc} / {f}"] = {
+                "done": summary([b["seconds"] / a["seconds"] for a, b in pairs]),
+                "last_receipt": summary([b["seconds"] / a["last_delivered_s"] for a, b in pairs]),
+            }
     return out
 
 

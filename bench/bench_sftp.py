@@ -69,7 +69,10 @@ from bench_delivery import (  # noqa: E402
     _version,
     big_file,
     brief,
+    describe_run,
     make_big,
+    ratios,
+    run_rounds,
     small_files,
     targets_table,
 )
@@ -79,7 +82,6 @@ from fdbench.common import (  # noqa: E402
     mem_kib,
     process_tree,
     settle_fs,
-    summary,
 )
 from fdbench.contenders import Filedock  # noqa: E402
 from fdbench.report import fmt  # noqa: E402
@@ -399,51 +401,20 @@ def run_case(
     expected: int,
     sample_s: float,
 ) -> dict[str, Any]:
-    runs: dict[str, list[dict[str, Any]]] = {c.name: [] for c in contenders}
-    for r in range(rounds):
-        for c in contenders:
-            label = f"{case}-{c.name}-{r + 1}"
-            work = ctx.fresh(label)
-            load1 = os.getloadavg()[0]
-            try:
-                runner = run_filedock if c.tool == "filedock" else run_rclone
-                res = runner(ctx, c, work, place, expected, label, sample_s)
-            finally:
-                shutil.rmtree(work, ignore_errors=True)
-            res["load1_before"] = load1
-            runs[c.name].append(res)
-            print(f"  {case} round {r + 1}/{rounds} {c.name}: {_brief(res)}", flush=True)
+    runners = {"filedock": run_filedock, "rclone": run_rclone}
+    given = {"place": place, "expected": expected, "sample_s": sample_s}
+    runs = run_rounds(ctx, case, contenders, rounds, runners, given, _brief)
     return summarise(case, contenders, runs, expected)
 
 
 def _brief(res: dict[str, Any]) -> str:
-    text = f"{res['seconds']:.2f} s"
-    if res.get("last_delivered_s") is not None:
-        text += f" (last receipt {res['last_delivered_s']:.2f} s)"
-    text += f", CPU {res['cpu_s']:.1f} s, sshd CPU {res['sshd_cpu_s']:.1f} s"
-    if res.get("peak_pss_mib"):
-        text += f", peak PSS {res['peak_pss_mib']:.1f} MiB"
-    v = res["verify"]
-    return text + ("" if v["ok"] else f", FILES WRONG: {v}")
+    return describe_run(res, "sshd")
 
 
 def summarise(
     case: str, contenders: list[Contender], runs: dict[str, list[dict[str, Any]]], n: int
 ) -> dict[str, Any]:
-    out: dict[str, Any] = {"files": n, "runs": runs, "contenders": {}, "ratios": {}}
-    for c in contenders:
-        out["contenders"][c.name] = {
-            key: summary([r.get(key) for r in runs[c.name]]) for key in MEASURES
-        }
-    fds = [c.name for c in contenders if c.tool == "filedock"]
-    rcs = [c.name for c in contenders if c.tool == "rclone"]
-    for f in fds:
-        for rc in rcs:
-            pairs = list(zip(runs[f], runs[rc], strict=True))
-            out["ratios"][f"{rc} / {f}"] = {
-                "done": summary([b["seconds"] / a["seconds"] for a, b in pairs]),
-                "last_receipt": summary([b["seconds"] / a["last_delivered_s"] for a, b in pairs]),
-            }
+    out = ratios(contenders, runs, n, MEASURES)
     targets = []
     main = out["ratios"].get("rclone / filedock")
     if main:
