@@ -19,11 +19,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-import anyio
 import pytest
 import yaml
 
@@ -64,24 +63,6 @@ def wait_for(
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:g}s waiting for {what} (last: {last!r})")
-
-
-async def eventually(
-    attempt: Callable[[], Awaitable[T | None]],
-    *,
-    timeout: float = 30.0,
-    interval: float = 0.05,
-    what: str = "condition",
-) -> T:
-    """`wait_for` for a coroutine: await `attempt` until it returns something truthy;
-    fail with `what` at the deadline."""
-    with anyio.move_on_after(timeout):
-        while True:
-            result = await attempt()
-            if result:
-                return result
-            await anyio.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
 
 
 @pytest.fixture

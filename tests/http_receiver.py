@@ -13,12 +13,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import threading
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from asgi_server import serving
+import uvicorn
+from conftest import free_port, wait_for
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
@@ -133,9 +135,28 @@ class Receiver:
 def http_receiver() -> Iterator[Receiver]:
     """A receiver served by uvicorn in a background thread until the block ends."""
     receiver = Receiver()
-    with serving(receiver.app(), "http-receiver") as url:
-        receiver.url = url
-        try:
-            yield receiver
-        finally:
-            receiver.release()
+    port = free_port()
+    config = uvicorn.Config(
+        receiver.app(),
+        host="127.0.0.1",
+        port=port,
+        http="h11",
+        ws="none",
+        lifespan="off",
+        loop="asyncio",
+        log_config=None,
+        access_log=False,
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="http-receiver", daemon=True)
+    thread.start()
+    wait_for(lambda: server.started or not thread.is_alive(), timeout=15, what="uvicorn to start")
+    assert server.started, "uvicorn exited before it started (see the log)"
+    receiver.url = f"http://127.0.0.1:{port}"
+    try:
+        yield receiver
+    finally:
+        receiver.release()
+        server.should_exit = True
+        thread.join(timeout=15)
+        assert not thread.is_alive(), "uvicorn did not stop"

@@ -7,7 +7,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -19,7 +19,7 @@ import anyio
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from anyio.abc import SocketAttribute, SocketStream, TaskStatus
-from conftest import eventually, free_port, skip_or_fail
+from conftest import free_port, skip_or_fail
 
 from service.notify.amqp import AmqpSender
 from service.notify.base import ChannelError, Event
@@ -63,6 +63,17 @@ async def opened(settings: AmqpChannel) -> AsyncIterator[AmqpSender]:
 async def send(settings: AmqpChannel, *events: Event) -> list[ChannelError | None]:
     async with opened(settings) as sender:
         return await sender.send(events)
+
+
+async def eventually(attempt: Callable[[], Awaitable[T | None]], *, timeout: float, what: str) -> T:
+    """Try `attempt` until it returns something truthy; fail at the deadline."""
+    with anyio.move_on_after(timeout):
+        while True:
+            result = await attempt()
+            if result:
+                return result
+            await anyio.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
 
 
 @dataclass

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import anyio.lowlevel
 import pytest
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 from conftest import free_port, skip_or_fail
@@ -104,11 +103,6 @@ async def opened(settings: EmailChannel) -> AsyncIterator[EmailSender]:
         yield sender
     finally:
         await sender.close()
-        # aiosmtplib closes a connection it gave up on (a refused login, a failed
-        # STARTTLS) with the transport's own close, which ends a loop turn later: give
-        # it that turn before the test's loop is closed, or the transport is reported
-        # unclosed in whichever test runs next.
-        await anyio.lowlevel.checkpoint()
 
 
 def event(i: int, kind: str = "failed", route: str = "orders") -> Event:

@@ -11,14 +11,14 @@ import shutil
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
 import pytest
-from conftest import eventually, free_port, skip_or_fail, wait_for
+from conftest import free_port, skip_or_fail, wait_for
 from nats.js.api import StorageType
 from nats_streams import NATS_URL, Stream, stream_on
 from servers import ServerProcess
@@ -69,6 +69,17 @@ async def opened(settings: NatsChannel) -> AsyncIterator[NatsSender]:
 async def send(settings: NatsChannel, *events: Event) -> list[ChannelError | None]:
     async with opened(settings) as sender:
         return await sender.send(events)
+
+
+async def eventually(attempt: Callable[[], Awaitable[T | None]], *, timeout: float, what: str) -> T:
+    """Try `attempt` until it returns something truthy; fail at the deadline."""
+    with anyio.move_on_after(timeout):
+        while True:
+            result = await attempt()
+            if result:
+                return result
+            await anyio.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
 
 
 @pytest.fixture

@@ -12,13 +12,15 @@ over HTTPS when given a certificate.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from asgi_server import serving
+import uvicorn
+from conftest import free_port, wait_for
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 from starlette.applications import Starlette
@@ -118,9 +120,29 @@ def webhook_receiver(secret: str, certfile: Path | None = None) -> Iterator[Webh
     """A receiver served by uvicorn in a background thread until the block ends;
     `certfile` (its key and certificate chain in one PEM file): served over HTTPS."""
     receiver = WebhookReceiver(secret)
-    with serving(receiver.app(), "webhook-receiver", certfile) as url:
-        receiver.url = f"{url}/hooks/filedock"
-        try:
-            yield receiver
-        finally:
-            receiver.release()
+    port = free_port()
+    config = uvicorn.Config(
+        receiver.app(),
+        host="127.0.0.1",
+        port=port,
+        http="h11",
+        ws="none",
+        lifespan="off",
+        loop="asyncio",
+        log_config=None,
+        access_log=False,
+        ssl_certfile=certfile,
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="webhook-receiver", daemon=True)
+    thread.start()
+    wait_for(lambda: server.started or not thread.is_alive(), timeout=15, what="uvicorn to start")
+    assert server.started, "uvicorn exited before it started (see the log)"
+    receiver.url = f"{'https' if certfile else 'http'}://127.0.0.1:{port}/hooks/filedock"
+    try:
+        yield receiver
+    finally:
+        receiver.release()
+        server.should_exit = True
+        thread.join(timeout=15)
+        assert not thread.is_alive(), "uvicorn did not stop"

@@ -15,16 +15,11 @@ Every kind keeps three promises, whichever point a crash interrupts it at:
 from __future__ import annotations
 
 import abc
-import hashlib
-from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiofiles
-import anyio
-
-__all__ = ["Item", "Receipt", "Sink", "SinkError", "modified", "read_checked", "unreadable"]
+__all__ = ["Item", "Receipt", "Sink", "SinkError", "modified", "unreadable"]
 
 
 @dataclass(frozen=True)
@@ -120,32 +115,3 @@ def unreadable(item: Item, error: OSError) -> SinkError:
     """The source file could not be read (it is in proc/, where only filedock writes)."""
     what = f"{item.path}: {error.strerror or error}"
     return SinkError("source_unreadable", what, retryable=False)
-
-
-async def read_checked(item: Item, chunk_size: int = 1 << 20) -> AsyncGenerator[bytes, None]:
-    """The item's file in chunks, hashed as they are read. After the last chunk it
-    raises `modified` when the bytes are not the claim's, so a sink that publishes only
-    once this ends never publishes them; `unreadable` when the file cannot be read.
-    Close it with `contextlib.aclosing` (a sink that fails mid-way)."""
-    h = hashlib.sha256()
-    total = 0
-    try:
-        f = await aiofiles.open(item.path, "rb")
-    except OSError as e:
-        raise unreadable(item, e) from None
-    try:
-        while total <= item.size:
-            try:
-                chunk = await f.read(chunk_size)
-            except OSError as e:
-                raise unreadable(item, e) from None
-            if not chunk:
-                break
-            h.update(chunk)
-            total += len(chunk)
-            yield chunk
-    finally:
-        with anyio.CancelScope(shield=True):  # closed even when the delivery is cancelled
-            await f.close()
-    if total != item.size or h.hexdigest() != item.sha256:
-        raise modified(item, f"{total} bytes, sha256 {h.hexdigest()}")

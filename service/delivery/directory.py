@@ -21,7 +21,6 @@ import errno
 import hashlib
 import os
 import stat
-from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ import aiofiles
 import anyio
 
 from service.crash import crash_point
-from service.delivery.base import Item, Receipt, Sink, SinkError, read_checked
+from service.delivery.base import Item, Receipt, Sink, SinkError, modified, unreadable
 from service.settings.sinks import DirectorySink
 from service.storage.fsutil import fsync_dir, libc
 
@@ -148,19 +147,37 @@ class DirectoryDelivery(Sink):
         raise SinkError("remote_exists", what, retryable=False)
 
     async def _copy(self, item: Item, temp: Path) -> None:
-        """Stream the source into `temp`, checked as it is read; fsync it when the sink
-        asks."""
-        dst = await aiofiles.open(temp, "xb")
+        """Stream the source into `temp`, hashing; fsync it when the sink asks."""
+        h = hashlib.sha256()
+        total = 0
         try:
-            async with aclosing(read_checked(item, _CHUNK)) as chunks:
-                async for chunk in chunks:
+            src = await aiofiles.open(item.path, "rb")
+        except OSError as e:
+            raise unreadable(item, e) from None
+        try:
+            dst = await aiofiles.open(temp, "xb")
+            try:
+                while total <= item.size:
+                    try:
+                        chunk = await src.read(_CHUNK)
+                    except OSError as e:
+                        raise unreadable(item, e) from None
+                    if not chunk:
+                        break
+                    h.update(chunk)
+                    total += len(chunk)
                     await dst.write(chunk)
-            await dst.flush()
-            if self.settings.fsync:
-                await anyio.to_thread.run_sync(os.fsync, dst.fileno())
+                if total != item.size or h.hexdigest() != item.sha256:
+                    raise modified(item, f"{total} bytes, sha256 {h.hexdigest()}")
+                await dst.flush()
+                if self.settings.fsync:
+                    await anyio.to_thread.run_sync(os.fsync, dst.fileno())
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await dst.close()
         finally:
             with anyio.CancelScope(shield=True):
-                await dst.close()
+                await src.close()
 
     def _published(self, item: Item, final: Path) -> Receipt:
         if self.settings.fsync:

@@ -20,14 +20,15 @@ import hashlib
 import posixpath
 import stat
 import warnings
-from contextlib import aclosing, suppress
+from contextlib import suppress
 from typing import Any, cast
 
+import aiofiles
 import anyio
 from cryptography.utils import CryptographyDeprecationWarning
 
 from service.crash import crash_point
-from service.delivery.base import Item, Receipt, Sink, SinkError, read_checked
+from service.delivery.base import Item, Receipt, Sink, SinkError, modified, unreadable
 from service.delivery.sftp_connection import Connection
 from service.settings.sinks import SftpSink
 
@@ -180,23 +181,38 @@ class SftpDelivery(Sink):
         raise SinkError("remote_exists", what, retryable=False)
 
     async def _upload(self, sftp: asyncssh.SFTPClient, item: Item, temp: bytes) -> None:
-        """Stream the source into `temp`, checked as it is read; flushed to the server's
-        disk where it offers `fsync@openssh.com`, mode `file_mode`."""
+        """Stream the source into `temp`, hashing; flushed to the server's disk where it
+        offers `fsync@openssh.com`, mode `file_mode`."""
+        h = hashlib.sha256()
         total = 0
-        async with (
-            sftp.open(temp, "wb", encoding=None) as dst,
-            aclosing(read_checked(item, _CHUNK)) as chunks,
-        ):
-            async for chunk in chunks:
-                await dst.write(chunk, total)
-                total += len(chunk)
-                if total == len(chunk):  # the temp is begun, not published
-                    crash_point("mid_delivery")
-            # Modes are advice: rclone ignores them, some servers refuse to set them.
-            with suppress(asyncssh.SFTPOpUnsupported, asyncssh.SFTPPermissionDenied):
-                await dst.chmod(self.settings.file_mode)
-            with suppress(asyncssh.SFTPOpUnsupported):
-                await dst.fsync()
+        try:
+            src = await aiofiles.open(item.path, "rb")
+        except OSError as e:
+            raise unreadable(item, e) from None
+        try:
+            async with sftp.open(temp, "wb", encoding=None) as dst:
+                while total <= item.size:
+                    try:
+                        chunk = await src.read(_CHUNK)
+                    except OSError as e:
+                        raise unreadable(item, e) from None
+                    if not chunk:
+                        break
+                    h.update(chunk)
+                    await dst.write(chunk, total)
+                    total += len(chunk)
+                    if total == len(chunk):  # the temp is begun, not published
+                        crash_point("mid_delivery")
+                if total != item.size or h.hexdigest() != item.sha256:
+                    raise modified(item, f"{total} bytes, sha256 {h.hexdigest()}")
+                # Modes are advice: rclone ignores them, some servers refuse to set them.
+                with suppress(asyncssh.SFTPOpUnsupported, asyncssh.SFTPPermissionDenied):
+                    await dst.chmod(self.settings.file_mode)
+                with suppress(asyncssh.SFTPOpUnsupported):
+                    await dst.fsync()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await src.close()
 
     async def _publish(self, sftp: asyncssh.SFTPClient, temp: bytes, final: bytes) -> bool:
         """Give `temp` the final name unless it is taken (then False, `temp` left)."""

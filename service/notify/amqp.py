@@ -34,13 +34,16 @@ from aio_pika.abc import AbstractExchange, AbstractRobustChannel, AbstractRobust
 from aiormq.abc import DeliveredMessage
 from aiormq.exceptions import ChannelAccessRefused
 
-from service.notify.base import Channel, ChannelError, ConnectionLost, Event, each, send_in_turn
+from service.notify.base import Channel, ChannelError, ConnectionLost, Event
 from service.settings.notify import AmqpChannel
 
 __all__ = ["AmqpSender"]
 
 log = logging.getLogger("filedock.notify")
 
+# A batch publishes for at most this many `timeout_s` (after connecting, itself bounded
+# by one): the dispatcher gives a send four, and results it gets are worth keeping.
+_BATCH_TIMEOUTS = 2
 _CONTENT_TYPE = "application/cloudevents+json"
 _NO_ROUTE = 312
 _REOPEN_WAIT_S = 1.0
@@ -74,12 +77,22 @@ class AmqpSender(Channel):
         try:
             exchange = await self._ready()
         except ChannelError as e:
-            return each(e, len(events))
-        return await send_in_turn(
-            events,
-            lambda event, left: self._publish(exchange, event, left),
-            self.settings.timeout_s,
-        )
+            return _each(e, len(events))
+        budget = _BATCH_TIMEOUTS * self.settings.timeout_s
+        deadline = anyio.current_time() + budget
+        results: list[ChannelError | None] = []
+        for event in events:
+            left = min(self.settings.timeout_s, deadline - anyio.current_time())
+            if left <= 0:
+                late = ChannelError(f"not sent: the batch took over {budget:g}s")
+                results += _each(late, len(events) - len(results))
+                break
+            try:
+                results.append(await self._publish(exchange, event, left))
+            except ConnectionLost as lost:
+                results += _each(lost.error, len(events) - len(results))
+                break
+        return results
 
     # -- the connection ----------------------------------------------------------------
 
@@ -258,3 +271,7 @@ def _timestamp(time: str) -> datetime:
         return datetime.fromisoformat(time)
     except ValueError:
         return datetime.now(UTC)
+
+
+def _each(error: ChannelError, n: int) -> list[ChannelError | None]:
+    return [ChannelError(error.message, retryable=error.retryable) for _ in range(n)]

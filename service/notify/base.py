@@ -10,13 +10,11 @@ drops the duplicate a crash after a send may cause.
 from __future__ import annotations
 
 import abc
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import anyio
-
-__all__ = ["Channel", "ChannelError", "ConnectionLost", "Event", "each", "send_in_turn"]
+__all__ = ["Channel", "ChannelError", "ConnectionLost", "Event"]
 
 
 @dataclass(frozen=True)
@@ -98,35 +96,3 @@ class Channel(abc.ABC):
     async def send(self, events: Sequence[Event]) -> list[ChannelError | None]:
         """Send each event; one result per event, in order: None when it was accepted
         (acknowledged by the server), else why not."""
-
-
-def each(error: ChannelError, n: int) -> list[ChannelError | None]:
-    """The same error for `n` events, one object each."""
-    return [ChannelError(error.message, retryable=error.retryable) for _ in range(n)]
-
-
-async def send_in_turn(
-    events: Sequence[Event],
-    publish: Callable[[Event, float], Awaitable[ChannelError | None]],
-    timeout_s: float,
-    batch_timeouts: int = 2,
-) -> list[ChannelError | None]:
-    """Publish one event after another, each within `timeout_s`, the whole batch within
-    `batch_timeouts` of them: the dispatcher gives a send four (connecting takes at most
-    one), and results that come back in time are worth keeping. A lost connection ends
-    the batch: the rest get its error."""
-    budget = batch_timeouts * timeout_s
-    deadline = anyio.current_time() + budget
-    results: list[ChannelError | None] = []
-    for event in events:
-        left = min(timeout_s, deadline - anyio.current_time())
-        if left <= 0:
-            late = ChannelError(f"not sent: the batch took over {budget:g}s")
-            results += each(late, len(events) - len(results))
-            break
-        try:
-            results.append(await publish(event, left))
-        except ConnectionLost as lost:
-            results += each(lost.error, len(events) - len(results))
-            break
-    return results

@@ -32,7 +32,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js import errors as js_errors
 
-from service.notify.base import Channel, ChannelError, ConnectionLost, Event, each, send_in_turn
+from service.notify.base import Channel, ChannelError, ConnectionLost, Event
 from service.settings.notify import NatsChannel
 
 __all__ = ["NatsSender"]
@@ -42,6 +42,9 @@ log = logging.getLogger("filedock.notify")
 _RECONNECT_ATTEMPTS = 1
 _RECONNECT_WAIT_S = 1
 _PING_INTERVAL_S = 20
+# A batch publishes for at most this many `timeout_s` (after connecting, itself bounded
+# by one): the dispatcher gives a send four, and results it gets are worth keeping.
+_BATCH_TIMEOUTS = 2
 _CONTENT_TYPE = "application/cloudevents+json"
 _WRONG_STREAM = 10060  # JetStream's "expected stream does not match"
 
@@ -71,11 +74,23 @@ class NatsSender(Channel):
         try:
             nc = await self._connection()
         except ChannelError as e:
-            return each(e, len(events))
+            return _each(e, len(events))
         js = nc.jetstream(timeout=self.settings.timeout_s)
-        return await send_in_turn(
-            events, lambda event, left: self._publish(nc, js, event, left), self.settings.timeout_s
-        )
+        budget = _BATCH_TIMEOUTS * self.settings.timeout_s
+        deadline = anyio.current_time() + budget
+        results: list[ChannelError | None] = []
+        for event in events:
+            left = min(self.settings.timeout_s, deadline - anyio.current_time())
+            if left <= 0:
+                late = ChannelError(f"not sent: the batch took over {budget:g}s")
+                results += _each(late, len(events) - len(results))
+                break
+            try:
+                results.append(await self._publish(nc, js, event, left))
+            except ConnectionLost as lost:
+                results += _each(lost.error, len(events) - len(results))
+                break
+        return results
 
     # -- the connection ----------------------------------------------------------------
 
@@ -233,6 +248,10 @@ def _subject_problem(subject: str) -> str | None:
 
 def _header_safe(value: str) -> bool:
     return bool(value) and value.isascii() and value.isprintable()
+
+
+def _each(error: ChannelError, n: int) -> list[ChannelError | None]:
+    return [ChannelError(error.message, retryable=error.retryable) for _ in range(n)]
 
 
 def _describe(e: BaseException) -> str:
