@@ -3,6 +3,8 @@ STARTTLS and implicit TLS (a CA and certificate made here with trustme) and with
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import ssl
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -10,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 from conftest import free_port, skip_or_fail
@@ -103,6 +106,24 @@ async def opened(settings: EmailChannel) -> AsyncIterator[EmailSender]:
         yield sender
     finally:
         await sender.close()
+        await sockets_closed()
+
+
+async def sockets_closed(timeout_s: float = 10) -> None:
+    """Wait until every socket transport that is closing has closed.
+
+    aiosmtplib closes a connection it gives up on (a refused login, a failed STARTTLS)
+    with the transport's own close, which finishes loop turns later (after the TLS
+    shutdown, for a STARTTLS connection). The test's loop must run until then, or the
+    transport is reported unclosed in whichever test the garbage collector runs in.
+    """
+    with anyio.fail_after(timeout_s):
+        # A selector transport drops its socket (`_sock`) once its close has finished.
+        while any(
+            isinstance(t, asyncio.Transport) and t.is_closing() and getattr(t, "_sock", None)
+            for t in gc.get_objects()
+        ):
+            await anyio.sleep(0.01)
 
 
 def event(i: int, kind: str = "failed", route: str = "orders") -> Event:
