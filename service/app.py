@@ -21,6 +21,7 @@ from pathlib import Path
 import anyio
 from anyio.abc import TaskGroup
 
+from service.arrivals import Judge
 from service.discovery.intake import Intake
 from service.discovery.readiness import Readiness
 from service.discovery.routes import Router
@@ -212,6 +213,9 @@ class App:
                 tg.start_soon(task, name=name)
             if dispatcher.channels and not self.once:
                 tg.start_soon(dispatcher.run, name="dispatcher")
+            judge = Judge(s, ledger, m, pipeline.transitions.outbox, owner=s.replica_id)
+            if judge and not self.once:
+                tg.start_soon(judge.run, name="arrivals")
             tg.start_soon(self._resume_all, pipeline, report.resume)
             if not self.once:
                 tg.start_soon(self._take_over, recovery, pipeline)

@@ -41,16 +41,20 @@ EXPECTED_ALERTS = {
     "FiledockDeliveryFailing",
     "FiledockNotifyChannelFailing",
     "FiledockEventsGivenUp",
+    "FiledockExpectedFileMissing",
 }
 DATASOURCE_REF = {"type": "prometheus", "uid": "${datasource}"}
 # Every label a panel may group by or print. Anything naming a file (name, path, job id)
 # would explode the series count, and the service never exports it anyway. A sink's
 # label is its configured name, one of a few per route; a notify channel's label is its
-# configured name too, one of a few per deployment.
+# configured name too, one of a few per deployment, and so is an arrival expectation's
+# (a few per route); `judgement` takes four values.
 ALLOWED_LABELS = {
     "route",
     "sink",
     "channel",
+    "expectation",
+    "judgement",
     "outcome",
     "error_class",
     "folder",
@@ -289,6 +293,9 @@ def test_the_required_panels_are_there() -> None:
         "sum by (channel) (increase(filedock_events_failed_total",
         "max by (channel) (filedock_outbox_pending",
         "max by (channel) (filedock_outbox_oldest_pending_age_seconds",
+        "max by (route, expectation) (filedock_expectation_missing",
+        "max by (route, expectation) (filedock_expectation_next_deadline_timestamp_seconds",
+        "sum by (route, expectation, judgement) (increase(filedock_arrival_windows_total",
     ):
         assert needed in exprs, f"no panel shows {needed}"
 

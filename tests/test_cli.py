@@ -54,8 +54,16 @@ def test_help_lists_every_command() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "service", "--help"], capture_output=True, text=True, check=True
     ).stdout
-    for command in ("run", "check-config", "status", "jobs", "show", "retry", "events", "reap"):
+    commands = ("run", "check-config", "status", "jobs", "show", "retry", "events", "reap")
+    for command in (*commands, "expectations"):
         assert command in out
+
+
+def test_expectations_says_when_none_are_configured(tree: FiledockTree) -> None:
+    tree.configure()
+    result = tree.cli("expectations")
+    assert result.returncode == 1
+    assert "no route has arrival expectations" in result.stderr
 
 
 def test_a_second_process_on_one_sqlite_ledger_is_refused(tree: FiledockTree) -> None:

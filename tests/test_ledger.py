@@ -12,7 +12,7 @@ import anyio
 import psycopg
 import pytest
 
-from service.ledger import DeliveryRecord, JobRecord, Ledger, ledger_for_url
+from service.ledger import DeliveryRecord, JobRecord, Ledger, WindowRecord, ledger_for_url
 from service.ledger.base import SCHEMA_VERSION, OutboxRecord
 
 NOW = 1_800_000_000.0  # 2027-01-15, a fixed "now" for every test
@@ -490,7 +490,7 @@ async def test_take_due_gives_a_due_delivering_job_back_without_claiming_it(
     assert await ledger.take_due(NOW, 10, "replica-b", 30) == []
 
 
-async def test_a_version_1_ledger_gains_the_deliveries_and_outbox_tables(
+async def test_a_version_1_ledger_gains_the_deliveries_outbox_and_windows_tables(
     open_ledger: OpenLedger, backend_url: str
 ) -> None:
     first = await open_ledger()
@@ -498,6 +498,8 @@ async def test_a_version_1_ledger_gains_the_deliveries_and_outbox_tables(
     await first.close()
     raw_execute(backend_url, "DROP TABLE deliveries")
     raw_execute(backend_url, "DROP TABLE outbox")
+    raw_execute(backend_url, "DROP TABLE arrival_windows")
+    raw_execute(backend_url, "DROP INDEX jobs_route_detected")
     raw_execute(backend_url, "UPDATE filedock_schema SET version = 1")
     ledger = await open_ledger()
     assert raw_execute(backend_url, "SELECT version FROM filedock_schema") == [(SCHEMA_VERSION,)]
@@ -505,6 +507,11 @@ async def test_a_version_1_ledger_gains_the_deliveries_and_outbox_tables(
     assert [d.sink for d in await ledger.deliveries(job(1).id)] == ["lake"]
     await ledger.update_many([(job(1).id, {"state": "done"})], events=[event(1)])
     assert len(await ledger.outbox_query(pending_only=True, limit=5)) == 1
+    window = WindowRecord("orders", "daily", NOW, NOW - 86400, "missing", until=NOW)
+    assert await ledger.record_window(window)
+    assert not await ledger.record_window(window)
+    assert [w.judgement for w in await ledger.windows("orders", "daily", 5)] == ["missing"]
+    assert [a.job_id for a in await ledger.arrivals("orders", NOW - 60, NOW)] == [job(1).id]
 
 
 async def test_postgres_advisory_lock_is_held_by_one_replica(pg_url: str) -> None:
@@ -623,3 +630,22 @@ async def test_take_outbox_leases_due_events_and_done_releases_them(
     ]
     assert await a.prune_outbox(NOW + 1000, 100) == 1  # only the sent one
     assert len(await a.outbox_query(pending_only=False, limit=10)) == 2
+
+
+async def test_old_windows_are_pruned_but_each_expectations_latest_is_kept(
+    ledger: Ledger,
+) -> None:
+    day = 86400.0
+    for n in range(3):  # three old windows of "daily", one old window of "weekly"
+        deadline = NOW - (10 - n) * day
+        await ledger.record_window(
+            WindowRecord("orders", "daily", deadline, deadline - day, "on_time", judged_at=deadline)
+        )
+    await ledger.record_window(
+        WindowRecord(
+            "orders", "weekly", NOW - 9 * day, NOW - 16 * day, "late", judged_at=NOW - 9 * day
+        )
+    )
+    assert await ledger.prune_windows(NOW - day, 100) == 2
+    assert [w.deadline for w in await ledger.windows("orders", "daily", 5)] == [NOW - 8 * day]
+    assert len(await ledger.windows("orders", "weekly", 5)) == 1

@@ -5,20 +5,24 @@ Prometheus' HTTP API: each must be valid, may only name metrics the service real
 exports, and each dashboard target must return data unless its metric cannot have
 any yet in this scenario (EXPECTED_EMPTY). The rules file is loaded by the server
 itself, so every rule is also evaluated on live data, and two alerts are driven for
-real: a high failure ratio, and the service going away.
+real: a high failure ratio, an expected file that does not come, and the service
+going away.
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +38,7 @@ from test_alert_rules import (
     load_dashboard,
     substitute_variables,
 )
+from webhook_receiver import WebhookReceiver, webhook_receiver
 
 ROOT = Path(__file__).resolve().parent.parent
 GOOD_FILES = ("orders_1.csv", "orders_2.csv", "orders_3.csv")
@@ -54,6 +59,9 @@ PROMQL_WORDS = {
 IMPORTER = "import sys; sys.exit(65 if 'bad' in sys.argv[1] else 0)"
 
 pytestmark = pytest.mark.timeout(240)
+HOOK_SECRET = "whsec_" + base64.b64encode(b"integration-test-key").decode()
+# The expected daily report's deadline: this long after the service starts.
+DEADLINE_AFTER_S = 12
 
 
 @dataclass
@@ -62,6 +70,8 @@ class Filedock:
     url: str
     root: Path
     log: Path
+    config: Path
+    env: dict[str, str]
 
     def log_tail(self) -> str:
         return self.log.read_text(errors="replace")[-4000:]
@@ -151,7 +161,21 @@ def tools() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def filedock(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Filedock]:
+def hooks() -> Iterator[WebhookReceiver]:
+    with webhook_receiver(HOOK_SECRET) as receiver:
+        yield receiver
+
+
+def once_at(ts: float) -> str:
+    """A cron schedule (with seconds, UTC) whose one deadline this year is at `ts`."""
+    t = datetime.fromtimestamp(ts, UTC)
+    return f"{t.second} {t.minute} {t.hour} {t.day} {t.month} *"
+
+
+@pytest.fixture(scope="module")
+def filedock(
+    tmp_path_factory: pytest.TempPathFactory, hooks: WebhookReceiver
+) -> Iterator[Filedock]:
     base = tmp_path_factory.mktemp("filedock")
     root = base / "data"
     port = free_port()
@@ -179,6 +203,14 @@ def filedock(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Filedock]:
                         "deliver": [
                             {"name": "share", "kind": "directory", "path": str(base / "share")}
                         ],
+                        # A daily report that never comes, due a few seconds after start.
+                        "expect": [
+                            {
+                                "name": "daily-report",
+                                "match": "daily_*.csv",
+                                "schedule": once_at(time.time() + DEADLINE_AFTER_S),
+                            }
+                        ],
                     }
                 ],
                 # A channel, so that the notification panels and rules see real series:
@@ -190,13 +222,20 @@ def filedock(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Filedock]:
                         "url": f"http://127.0.0.1:{closed_port}/events",
                         "secret": {"env": "NOTIFY_WEBHOOK_SECRET"},
                         "backoff_s": 1,
-                    }
+                    },
+                    {
+                        "name": "arrivals",
+                        "kind": "webhook",
+                        "url": f"{hooks.url}/events",
+                        "secret": {"env": "NOTIFY_WEBHOOK_SECRET"},
+                        "on": {"types": ["filedock.arrival.missing", "filedock.arrival.late"]},
+                    },
                 ],
             }
         )
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("FILEDOCK_")}
-    env["NOTIFY_WEBHOOK_SECRET"] = "whsec_" + base64.b64encode(b"integration-test-key").decode()
+    env["NOTIFY_WEBHOOK_SECRET"] = HOOK_SECRET
     log = base / "filedock.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
@@ -206,7 +245,7 @@ def filedock(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Filedock]:
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-    service = Filedock(process, f"http://127.0.0.1:{port}", root, log)
+    service = Filedock(process, f"http://127.0.0.1:{port}", root, log, config, env)
     try:
 
         def ready() -> bool:
@@ -410,6 +449,59 @@ def test_failure_ratio_alert_goes_pending_on_real_failures(prometheus: str, traf
     assert float(alert["value"]) == pytest.approx(0.4, abs=0.05)
     quiet = {"FiledockDown", "FiledockNotReady", "FiledockRecoveryInconsistency"}
     assert quiet & active_alerts(prometheus).keys() == set()
+
+
+def test_an_expected_file_that_does_not_come_fires_its_alert_and_event(
+    prometheus: str, filedock: Filedock, hooks: WebhookReceiver
+) -> None:
+    labels = {"route": "orders", "expectation": "daily-report"}
+    # The real service judges the window missing and tells the channel, signed.
+    [event] = wait_for(
+        lambda: [d.doc for d in hooks.accepted if d.doc["type"].startswith("filedock.arrival")],
+        timeout=DEADLINE_AFTER_S + 30,
+        what="the arrival event at the webhook",
+    )
+    assert event["type"] == "filedock.arrival.missing"
+    assert event["subject"] == "orders/daily-report"
+    assert {k: event["data"][k] for k in ("judgement", "files", "min_files", "match")} == {
+        "judgement": "missing",
+        "files": 0,
+        "min_files": 1,
+        "match": "daily_*.csv",
+    }
+    # Its gauge, and the alert on it in the real Prometheus, at once (the grace is over).
+    exposition = httpx.get(f"{filedock.url}/metrics", timeout=10).text
+    assert 'filedock_expectation_missing{expectation="daily-report",route="orders"} 1.0' in (
+        exposition
+    )
+    alert = wait_for(
+        lambda: active_alerts(prometheus).get("FiledockExpectedFileMissing"),
+        timeout=30,
+        what="FiledockExpectedFileMissing to fire",
+    )
+    assert alert["state"] == "firing"
+    assert {k: alert["labels"][k] for k in labels} == labels
+    # And `filedock expectations` tells the operator the same.
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "service",
+            "expectations",
+            "--json",
+            "--config",
+            str(filedock.config),
+        ],
+        cwd=ROOT,
+        env=filedock.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    [report] = json.loads(done.stdout)
+    assert report["missing"] is True
+    assert [w["judgement"] for w in report["windows"]] == ["missing"]
 
 
 def test_down_alert_goes_pending_when_filedock_stops(prometheus: str, filedock: Filedock) -> None:

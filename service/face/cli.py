@@ -66,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser(
         "status",
         parents=[common],
-        help="files per folder (count, bytes, oldest); jobs per state; deliveries per sink",
+        help="files per folder (count, bytes, oldest); jobs per state; deliveries per sink;"
+        " arrival expectations",
     )
     status.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -102,6 +103,17 @@ def _parser() -> argparse.ArgumentParser:
     events.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
     events.add_argument("--json", action="store_true", help="a JSON array")
 
+    expectations = sub.add_parser(
+        "expectations",
+        parents=[common],
+        help="each route's arrival expectations: the next deadline and the last windows'"
+        " judgements (on_time, late, missing, failed)",
+    )
+    expectations.add_argument(
+        "--last", type=int, default=5, help="judged windows shown per expectation (default 5)"
+    )
+    expectations.add_argument("--json", action="store_true", help="a JSON array")
+
     reap = sub.add_parser("reap", parents=[common], help="apply the retention now")
     reap.add_argument("--dry-run", action="store_true", help="list what would be deleted")
     return parser
@@ -125,6 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "show": cmd_show,
             "retry": cmd_retry,
             "events": cmd_events,
+            "expectations": cmd_expectations,
             "reap": cmd_reap,
         }
         return anyio.run(commands[args.command], settings, args)
@@ -185,25 +198,33 @@ async def _with_ledger(settings: Settings, fn: Callable[[Any], Awaitable[T]]) ->
 
 
 async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
+    from service.arrivals.report import expectations_report, render_expectations
     from service.face.status import folder_report, waiting_report
 
     folders = await anyio.to_thread.run_sync(folder_report, settings)
     waiting = await anyio.to_thread.run_sync(waiting_report, settings)
 
-    async def read(ledger: Ledger) -> tuple[dict[str, int], list[dict[str, Any]]]:
+    async def read(ledger: Ledger) -> tuple[dict[str, int], list[dict[str, Any]], list[Any]]:
         backlog = [
             {"route": route, "sink": sink, "open": n, "oldest": rfc3339(oldest)}
             for route, sink, n, oldest in sorted(await ledger.delivery_backlog())
         ]
-        return await ledger.counts(), backlog
+        expected = await expectations_report(settings, ledger, time.time(), last=1)
+        return await ledger.counts(), backlog, expected
 
     try:
-        counts, sinks = await _with_ledger(settings, read)
+        counts, sinks, expected = await _with_ledger(settings, read)
     except ConfigError:
-        counts, sinks = {}, []
+        counts, sinks, expected = {}, [], []
     if args.json:
         _print_json(
-            {"folders": folders, "jobs": counts, "waiting_in_transfer": waiting, "sinks": sinks}
+            {
+                "folders": folders,
+                "jobs": counts,
+                "waiting_in_transfer": waiting,
+                "sinks": sinks,
+                "expectations": expected,
+            }
         )
         return EXIT_OK
     print(f"{'folder':<10} {'files':>9} {'bytes':>14}  oldest")
@@ -214,6 +235,9 @@ async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         print("\ndeliveries not done yet (pending, running or waiting for a retry):")
         for b in sinks:
             print(f"  {b['route']}/{b['sink']}: {b['open']}, the oldest since {b['oldest']}")
+    if expected:
+        print("\narrival expectations (the last window judged):")
+        print("  " + "\n  ".join(render_expectations(expected)))
     if waiting:
         print("\nwaiting in transfer/ (not claimed yet):")
         for w in waiting:
@@ -393,6 +417,24 @@ async def cmd_events(settings: Settings, args: argparse.Namespace) -> int:
         if j["state"] != "sent" and j["attempts"]:
             line += f"  [{j['attempts']} attempt(s): {j['error']}]"
         print(line)
+    return EXIT_OK
+
+
+async def cmd_expectations(settings: Settings, args: argparse.Namespace) -> int:
+    from service.arrivals.report import expectations_report, render_expectations
+
+    if not any(route.expect for route in settings.routes):
+        print("no route has arrival expectations (expect: in a route)", file=sys.stderr)
+        return EXIT_FAILED
+
+    async def read(ledger: Ledger) -> list[dict[str, Any]]:
+        return await expectations_report(settings, ledger, time.time(), last=args.last)
+
+    report = await _with_ledger(settings, read)
+    if args.json:
+        _print_json(report)
+    else:
+        print("\n".join(render_expectations(report)))
     return EXIT_OK
 
 

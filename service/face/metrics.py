@@ -292,6 +292,26 @@ class Metrics:
             ["channel"],
             registry=r,
         )
+        # -- arrival expectations --------------------------------------------------
+        self.expectation_missing = Gauge(
+            p + "expectation_missing",
+            "1 while the expectation's last judged window is missing and no matching file"
+            " has arrived since.",
+            ["route", "expectation"],
+            registry=r,
+        )
+        self.expectation_next_deadline = Gauge(
+            p + "expectation_next_deadline_timestamp_seconds",
+            "When the expectation's current window ends (Unix time; its grace comes after).",
+            ["route", "expectation"],
+            registry=r,
+        )
+        self.arrival_windows = Counter(
+            p + "arrival_windows",
+            "Windows of the expectation judged by this replica, by judgement.",
+            ["route", "expectation", "judgement"],
+            registry=r,
+        )
 
         for kind in RECOVERY_KINDS:
             self.recovery_actions.labels(kind)
@@ -323,6 +343,13 @@ class Metrics:
             metric.labels(channel)
         self.outbox_pending.labels(channel)
         self.outbox_oldest_age.labels(channel)
+
+    def declare_expectation(self, route: str, expectation: str) -> None:
+        """An expectation's series at zero, before its first window is judged."""
+        for judgement in ("on_time", "late", "missing", "failed"):
+            self.arrival_windows.labels(route, expectation, judgement)
+        self.expectation_missing.labels(route, expectation).set(0)
+        self.expectation_next_deadline.labels(route, expectation)
 
     def declare_sink(self, route: str, sink: str) -> None:
         """A sink's series at zero, before its first delivery."""

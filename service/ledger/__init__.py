@@ -9,24 +9,28 @@ from service.ledger.base import (
     FINAL_STATES,
     STATES,
     UNFINISHED,
+    Arrival,
     DeliveryRecord,
     DeliveryState,
     JobRecord,
     Ledger,
     Outcome,
     State,
+    WindowRecord,
 )
 
 __all__ = [
     "FINAL_STATES",
     "STATES",
     "UNFINISHED",
+    "Arrival",
     "DeliveryRecord",
     "DeliveryState",
     "JobRecord",
     "Ledger",
     "Outcome",
     "State",
+    "WindowRecord",
     "ledger_for_url",
 ]
 

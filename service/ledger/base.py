@@ -20,13 +20,17 @@ __all__ = [
     "FINAL_STATES",
     "OUTBOX_COLUMNS",
     "STATES",
+    "WINDOW_COLUMNS",
+    "Arrival",
     "DeliveryRecord",
     "DeliveryState",
     "JobRecord",
+    "Judgement",
     "Ledger",
     "OutboxRecord",
     "Outcome",
     "State",
+    "WindowRecord",
 ]
 
 State = Literal["claimed", "importing", "waiting", "delivering", "archiving", "done", "failed"]
@@ -42,7 +46,7 @@ STATES: Final[tuple[State, ...]] = (
 )
 FINAL_STATES: Final = frozenset({"done", "failed"})
 UNFINISHED: Final = ("claimed", "importing", "waiting", "delivering", "archiving")
-SCHEMA_VERSION: Final = 3  # 2: the deliveries table; 3: the outbox
+SCHEMA_VERSION: Final = 4  # 2: the deliveries table; 3: the outbox; 4: arrival windows
 
 
 @dataclass
@@ -182,9 +186,57 @@ class OutboxRecord:
         }
 
 
+Judgement = Literal["watching", "on_time", "late", "missing", "failed"]
+
+
+@dataclass
+class WindowRecord:
+    """One window of an arrival expectation, judged once (by whichever replica wrote
+    it first): the files matching it that arrived after `start`, by `deadline` or
+    within the grace after it. Arrivals up to `until` are this window's; the next
+    window counts from there. The first row of an expectation is `watching`: when it
+    was first seen, so that only the windows ending after that are judged."""
+
+    route: str
+    expectation: str
+    deadline: float
+    start: float
+    judgement: Judgement
+    files: int = 0
+    failed: int = 0
+    until: float = 0.0
+    judged_at: float = 0.0
+    judged_by: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "route": self.route,
+            "expectation": self.expectation,
+            "start": rfc3339(self.start),
+            "deadline": rfc3339(self.deadline),
+            "judgement": self.judgement,
+            "files": self.files,
+            "failed": self.failed,
+            "judged_at": rfc3339(self.judged_at),
+            "judged_by": self.judged_by,
+        }
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """A job as an arrival expectation counts it: when it was detected, and whether it
+    failed."""
+
+    job_id: str
+    relative_path: bytes
+    detected_at: float
+    state: str
+
+
 COLUMNS: Final = tuple(f.name for f in dataclasses.fields(JobRecord))
 OUTBOX_COLUMNS: Final = tuple(f.name for f in dataclasses.fields(OutboxRecord))
 DELIVERY_COLUMNS: Final = tuple(f.name for f in dataclasses.fields(DeliveryRecord))
+WINDOW_COLUMNS: Final = tuple(f.name for f in dataclasses.fields(WindowRecord))
 UPDATABLE: Final = frozenset(COLUMNS) - {"id"}
 
 
@@ -326,6 +378,21 @@ class Ledger(Protocol):
 
     async def prune_outbox(self, before: float, limit: int) -> int:
         """Delete sent and failed events written before `before`; returns how many."""
+
+    async def arrivals(self, route: str, after: float, until: float) -> list[Arrival]:
+        """The route's jobs detected after `after` and by `until`, oldest first."""
+
+    async def record_window(
+        self, window: WindowRecord, events: Sequence[OutboxRecord] = ()
+    ) -> bool:
+        """Write a judged window and its `events`, unless that window (route,
+        expectation, deadline) is already written: then nothing, and False."""
+
+    async def windows(self, route: str, expectation: str, limit: int) -> list[WindowRecord]:
+        """An expectation's windows, the latest deadline first."""
+
+    async def prune_windows(self, before: float, limit: int) -> int:
+        """Delete windows judged before `before`, except each expectation's latest."""
 
     async def older_than(self, states: Sequence[str], before: float, limit: int) -> list[JobRecord]:
         """Final jobs last updated before `before` (for the reaper), oldest first."""

@@ -30,6 +30,7 @@ from service.ledger.base import (
     OutboxRecord,
     check_fields,
 )
+from service.ledger.postgres_arrivals import WINDOWS_SCHEMA, PostgresArrivals
 from service.ledger.postgres_outbox import OUTBOX_SCHEMA, PostgresOutbox, insert_events
 
 __all__ = ["PostgresLedger"]
@@ -86,9 +87,14 @@ _SCHEMA: Final[tuple[str, ...]] = (
     "CREATE INDEX jobs_owner ON jobs (owner) WHERE owner IS NOT NULL",
     *_DELIVERIES,
     *OUTBOX_SCHEMA,
+    *WINDOWS_SCHEMA,
 )
 # Steps from version n to n + 1, applied in order under the migration lock.
-_MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {1: _DELIVERIES, 2: OUTBOX_SCHEMA}
+_MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
+    1: _DELIVERIES,
+    2: OUTBOX_SCHEMA,
+    3: WINDOWS_SCHEMA,
+}
 
 # A lock key is the 64-bit hash of "<schema>:<name>", computed by the server.
 _LOCK_KEY: Final = "hashtextextended(coalesce(current_schema(), '') || ':' || %s, 0)"
@@ -120,7 +126,7 @@ async def _durable_commits(conn: psycopg.AsyncConnection[Any]) -> None:
         await conn.execute("SET synchronous_commit TO on")
 
 
-class PostgresLedger(PostgresOutbox):
+class PostgresLedger(PostgresOutbox, PostgresArrivals):
     """The ledger in a PostgreSQL database, for one or several replicas.
 
     Args:

@@ -16,7 +16,7 @@ from psycopg.types.json import Jsonb
 
 from service.ledger.base import OUTBOX_COLUMNS, OutboxRecord
 
-__all__ = ["OUTBOX_SCHEMA", "PostgresOutbox", "insert_events"]
+__all__ = ["OUTBOX_SCHEMA", "PostgresAccess", "PostgresOutbox", "insert_events"]
 
 OUTBOX_SCHEMA: Final = (
     """CREATE TABLE outbox (
@@ -61,9 +61,8 @@ def _record(row: DictRow) -> OutboxRecord:
     return OutboxRecord(**values)
 
 
-class PostgresOutbox:
-    """The outbox operations of `PostgresLedger` (a mixin: it needs `_fetch`,
-    `_execute` and `_connection`)."""
+class PostgresAccess:
+    """What the mixins of `PostgresLedger` need of it."""
 
     async def _fetch(self, query: Any, params: Any = None) -> list[DictRow]:
         raise NotImplementedError
@@ -73,6 +72,10 @@ class PostgresOutbox:
 
     def _connection(self) -> AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]:
         raise NotImplementedError
+
+
+class PostgresOutbox(PostgresAccess):
+    """The outbox operations of `PostgresLedger` (a mixin)."""
 
     async def take_outbox(
         self,

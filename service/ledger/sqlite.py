@@ -27,6 +27,7 @@ from service.ledger.base import (
     decode_history,
     encode_history,
 )
+from service.ledger.sqlite_arrivals import SqliteArrivals
 from service.ledger.sqlite_outbox import SqliteOutbox, insert_events
 from service.ledger.sqlite_writer import WriterThread
 
@@ -74,7 +75,7 @@ def _encode(column: str, value: Any) -> Any:
     return encode_history(value) if column == "history" else value
 
 
-class SqliteLedger(SqliteOutbox):
+class SqliteLedger(SqliteOutbox, SqliteArrivals):
     """The ledger in one SQLite file, for a single replica on node-local storage."""
 
     def __init__(self, path: Path) -> None:

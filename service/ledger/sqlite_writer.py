@@ -90,6 +90,21 @@ CREATE TABLE IF NOT EXISTS outbox (
     PRIMARY KEY (event_id, channel)
 );
 CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (state, next_attempt_at);
+CREATE TABLE IF NOT EXISTS arrival_windows (
+    route TEXT NOT NULL,
+    expectation TEXT NOT NULL,
+    deadline REAL NOT NULL,
+    start REAL NOT NULL,
+    judgement TEXT NOT NULL,
+    files INTEGER NOT NULL DEFAULT 0,
+    failed INTEGER NOT NULL DEFAULT 0,
+    until REAL NOT NULL,
+    judged_at REAL NOT NULL,
+    judged_by TEXT,
+    PRIMARY KEY (route, expectation, deadline)
+);
+CREATE INDEX IF NOT EXISTS jobs_route_detected ON jobs (route, detected_at);
+
 """
 
 

@@ -294,6 +294,7 @@ def _entry(event: Event) -> list[str]:
     if event.type == "filedock.delivery.failed":
         what = f"delivery to {data.get('sink', '?')} failed"
     reason = ": ".join(str(data[k]) for k in ("error_class", "error") if data.get(k))
+    reason = reason or str(data.get("message") or "")
     lines.append(f"    {what}: {_indented(reason)}" if reason else f"    {what}")
     for key, label in (("archive_path", "archive folder"), ("failed_path", "failed folder")):
         if data.get(key):

@@ -1,5 +1,6 @@
 """The events a job's transitions cause, as CloudEvents, and the outbox rows that carry
-them to each channel whose filter takes them.
+them (and the arrival judgements' events, which name no job) to each channel whose
+filter takes them.
 
 `Transitions` builds the events of a state change (`job_event`) and writes their rows
 (`Outbox.records`) in the same transaction as the change itself: a crash can delay
@@ -101,7 +102,7 @@ class Outbox:
                         channel=ch.name,
                         type=event.type,
                         route=event.route,
-                        job_id=str(event.data["job_id"]),
+                        job_id=str(event.data.get("job_id", "")),
                         payload=event.to_json(),
                         next_attempt_at=due,
                         created_at=now,

@@ -1,5 +1,6 @@
 """The configuration: one `Settings` object (`model.py`), its sections, and routes."""
 
+from service.settings.expect import Expectation
 from service.settings.model import (
     Settings,
     format_validation_error,
@@ -22,6 +23,7 @@ __all__ = [
     "CommandImporterSettings",
     "CsvColumn",
     "CsvSqlImporterSettings",
+    "Expectation",
     "Folders",
     "HttpSettings",
     "PythonImporterSettings",

@@ -23,7 +23,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from service.errors import ConfigError
 from service.settings.notify import ChannelSettings
 from service.settings.route import Route
-from service.settings.sections import Folders, HttpSettings, Retention
+from service.settings.sections import Folders, HttpSettings, Retention, distinct
 
 __all__ = ["Settings", "format_validation_error", "load_settings", "read_config_file"]
 
@@ -63,21 +63,12 @@ class Settings(BaseSettings):
     @field_validator("notify")
     @classmethod
     def _channels_distinct(cls, channels: list[ChannelSettings]) -> list[ChannelSettings]:
-        names = [ch.name for ch in channels]
-        for name in names:
-            if names.count(name) > 1:
-                raise ValueError(f"channel name {name!r} is used twice")
-        return channels
+        return distinct(channels, "channel name {name} is used twice")
 
     @field_validator("routes")
     @classmethod
     def _routes_distinct(cls, routes: list[Route]) -> list[Route]:
-        seen: set[str] = set()
-        for route in routes:
-            if route.name in seen:
-                raise ValueError(f"route name {route.name!r} is used twice")
-            seen.add(route.name)
-        return routes
+        return distinct(routes, "route name {name} is used twice")
 
     @classmethod
     def settings_customise_sources(

@@ -28,6 +28,9 @@ EVENT_TYPES = (
     "filedock.job.duplicate",
     "filedock.job.failed",
     "filedock.delivery.failed",
+    "filedock.arrival.missing",
+    "filedock.arrival.late",
+    "filedock.arrival.failed",
 )
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 

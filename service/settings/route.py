@@ -9,7 +9,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from service.settings.sections import ImporterSettings, Section
+from service.settings.expect import Expectation
+from service.settings.sections import ImporterSettings, Section, distinct
 from service.settings.sinks import SinkSettings
 
 __all__ = ["DEFAULT_IGNORE", "NAME_RE", "Route"]
@@ -34,7 +35,8 @@ NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 
 class Route(Section):
     """A pattern on the path relative to `transfer/`, plus how to import what it matches
-    (`importer: none`: not at all) and where to deliver it (`deliver:`)."""
+    (`importer: none`: not at all), where to deliver it (`deliver:`) and which files
+    are due by when (`expect:`)."""
 
     name: str = Field(pattern=NAME_RE)
     match: str = Field(min_length=1)
@@ -47,6 +49,7 @@ class Route(Section):
     max_size_bytes: int | None = Field(default=None, ge=0)
     importer: ImporterSettings | Literal["none"]
     deliver: list[SinkSettings] = Field(default_factory=list)
+    expect: list[Expectation] = Field(default_factory=list)
     concurrency: int = Field(default=4, ge=1)
     max_attempts: int = Field(default=5, ge=1)
     backoff_s: float = Field(default=10.0, ge=0)
@@ -83,13 +86,14 @@ class Route(Section):
     @field_validator("deliver")
     @classmethod
     def _sinks_distinct(cls, sinks: list[SinkSettings]) -> list[SinkSettings]:
-        names = [s.name for s in sinks]
-        for name in names:
-            if names.count(name) > 1:
-                raise ValueError(
-                    f"two sinks are named {name!r}; a sink's name is unique in its route"
-                )
-        return sinks
+        return distinct(sinks, "two sinks are named {name}; a sink's name is unique in its route")
+
+    @field_validator("expect")
+    @classmethod
+    def _expectations_distinct(cls, expected: list[Expectation]) -> list[Expectation]:
+        return distinct(
+            expected, "two expectations are named {name}; an expectation's name is unique"
+        )
 
     @model_validator(mode="after")
     def _consistent(self) -> Route:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import codecs
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -19,11 +19,31 @@ __all__ = [
     "PythonImporterSettings",
     "Retention",
     "Section",
+    "distinct",
 ]
 
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _Named(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+N = TypeVar("N", bound=_Named)
+
+
+def distinct(items: list[N], message: str) -> list[N]:
+    """`items`, unless two share a name: then a ValueError of `message`, whose
+    `{name}` is that name."""
+    seen: set[str] = set()
+    for item in items:
+        if item.name in seen:
+            raise ValueError(message.format(name=repr(item.name)))
+        seen.add(item.name)
+    return items
 
 
 class Folders(Section):

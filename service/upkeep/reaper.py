@@ -243,10 +243,13 @@ class Reaper:
             with anyio.CancelScope(shield=True):
                 await self._ledger.delete(report.ledger)
                 self._metrics.reaped.labels("ledger").inc(len(report.ledger))
-        if not report.dry_run:  # sent events, kept as long as the ledger's rows
+        if not report.dry_run:  # sent events and judged windows, kept as long as the jobs
+            before = now - r.ledger_days * _DAY
             with anyio.CancelScope(shield=True):
-                events = await self._ledger.prune_outbox(now - r.ledger_days * _DAY, r.batch_size)
+                events = await self._ledger.prune_outbox(before, r.batch_size)
+                windows = await self._ledger.prune_windows(before, r.batch_size)
             self._metrics.reaped.labels("events").inc(events)
+            self._metrics.reaped.labels("windows").inc(windows)
 
         # A full batch that deleted nothing (say, folders we may not remove) must not spin.
         report.more = (
