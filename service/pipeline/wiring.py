@@ -40,6 +40,7 @@ from service.pipeline.transitions import Transitions
 from service.pipeline.workers import Workers
 from service.settings import Settings
 from service.storage.archive_writer import Writer
+from service.storage.codec import Codec, threads_available
 
 __all__ = ["Pipeline"]
 
@@ -65,7 +66,18 @@ class Pipeline:
         # one is shared with the watcher, which a busy import pool must not starve.
         import_threads = anyio.CapacityLimiter(s.max_concurrency)
         fs_threads = anyio.CapacityLimiter(4)
-        self.writer = Writer(folders["proc"], folders["temp"], folders["failed"])
+        codecs = {
+            route.name: Codec(c.compression, c.level)
+            for route in s.routes
+            for c in [route.archive or s.archive]
+        }
+        self.writer = Writer(
+            folders["proc"],
+            folders["temp"],
+            folders["failed"],
+            codecs=codecs,
+            threads=s.archive.threads or threads_available(),
+        )
         metrics.worker_pid = lambda: self.writer.worker_pid
         lanes = []
         for route in s.routes:

@@ -23,7 +23,13 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from service.errors import ConfigError
 from service.settings.notify import ChannelSettings
 from service.settings.route import Route
-from service.settings.sections import Folders, HttpSettings, Retention, distinct
+from service.settings.sections import (
+    ArchiveSettings,
+    Folders,
+    HttpSettings,
+    Retention,
+    distinct,
+)
 
 __all__ = ["Settings", "format_validation_error", "load_settings", "read_config_file"]
 
@@ -57,6 +63,7 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     http: HttpSettings = HttpSettings()
     retention: Retention = Retention()
+    archive: ArchiveSettings = ArchiveSettings()
     routes: list[Route] = Field(default_factory=list)
     notify: list[ChannelSettings] = Field(default_factory=list)
 

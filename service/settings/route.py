@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from service.settings.expect import Expectation
-from service.settings.sections import ImporterSettings, Section, distinct
+from service.settings.sections import Compression, ImporterSettings, Section, distinct
 from service.settings.sinks import SinkSettings
 
 __all__ = ["DEFAULT_IGNORE", "NAME_RE", "Route"]
@@ -50,6 +50,7 @@ class Route(Section):
     importer: ImporterSettings | Literal["none"]
     deliver: list[SinkSettings] = Field(default_factory=list)
     expect: list[Expectation] = Field(default_factory=list)
+    archive: Compression | None = None
     concurrency: int = Field(default=4, ge=1)
     max_attempts: int = Field(default=5, ge=1)
     backoff_s: float = Field(default=10.0, ge=0)

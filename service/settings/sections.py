@@ -10,7 +10,9 @@ from typing import Annotated, Any, Literal, Protocol, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = [
+    "ArchiveSettings",
     "CommandImporterSettings",
+    "Compression",
     "CsvColumn",
     "CsvSqlImporterSettings",
     "Folders",
@@ -61,6 +63,33 @@ class HttpSettings(Section):
     enabled: bool = True
     host: str = "0.0.0.0"
     port: int = Field(default=9100, ge=0, le=65535)
+
+
+class Compression(Section):
+    """How an archived source is compressed: `gzip` (levels 1-9, default 1), `zstd`
+    (levels 1-19, default 3) or `none`."""
+
+    compression: Literal["gzip", "zstd", "none"] = "gzip"
+    level: int | None = None
+
+    @model_validator(mode="after")
+    def _level_in_range(self) -> Compression:
+        if self.level is None:
+            return self
+        top = {"gzip": 9, "zstd": 19, "none": 0}[self.compression]
+        if self.compression == "none" or not 1 <= self.level <= top:
+            allowed = "none" if self.compression == "none" else f"1 to {top}"
+            raise ValueError(
+                f"level {self.level} for compression {self.compression}: levels are {allowed}"
+            )
+        return self
+
+
+class ArchiveSettings(Compression):
+    """The archive's compression (a route's `archive:` can choose its own) and the
+    threads that compress a large file (0: one per CPU this process may use)."""
+
+    threads: int = Field(default=0, ge=0, le=256)
 
 
 class Retention(Section):

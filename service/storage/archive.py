@@ -1,7 +1,7 @@
 """Archive and set aside: where a job's folder ends, and the documents it carries.
 
 Archive (exactly once): write `archive/YYYY/MM/DD/<id>.tmp/` (the source
-gzipped, the importer's outputs, `importer.log`, `manifest.json`), make it
+compressed, the importer's outputs, `importer.log`, `manifest.json`), make it
 durable, verify the compressed copy against the source's SHA-256, rename it to
 `<id>/`, make that durable; only then may the ledger say `done` and the
 source in `proc/` be removed.
@@ -16,8 +16,6 @@ These functions block; the pipeline runs them in its archive worker process
 from __future__ import annotations
 
 import errno
-import gzip
-import hashlib
 import json
 import os
 import shutil
@@ -31,6 +29,7 @@ import orjson
 from service.errors import JobError
 from service.ledger.base import JobRecord
 from service.storage.claim import no_writer, payload_name, stored_name
+from service.storage.codec import GZIP, Codec, Kind, compress_into, expanded_sha256
 from service.storage.fsutil import Barrier, fsync_dir, move_tree, write_durable
 from service.storage.names import display_name, name_b64, rfc3339, safe_archive_name
 
@@ -39,6 +38,7 @@ __all__ = [
     "archive_dir_for",
     "build_archive",
     "check_published",
+    "compression_of",
     "error_document",
     "manifest_document",
     "publish_archive",
@@ -46,7 +46,6 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 1
-_CHUNK = 1 << 20
 HOST = socket.gethostname()
 _ORJSON = orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS
 
@@ -134,13 +133,10 @@ def _dump(doc: dict[str, Any]) -> bytes:
         return (json.dumps(doc, indent=2, ensure_ascii=True) + "\n").encode()
 
 
-def _gzip_and_hash(src: bytes, dst: str, job: JobRecord) -> None:
-    """Compress the source into `dst`, hashing it on the way, and check the copy: the
-    source must still be what was claimed, and the copy must expand to it.
-
-    A file up to `_CHUNK` is read, compressed and checked in memory, then written with
-    one call; a larger one streams through `GzipFile` and is read back from `dst`.
-    """
+def _compress_and_hash(src: bytes, dst: str, job: JobRecord, codec: Codec, threads: int) -> None:
+    """Compress the source into `dst`, hashing it on the way: the source must still be
+    what was claimed, and each block of the copy is checked as it is written
+    (`codec.compress_into`)."""
     fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         st = os.fstat(fd)
@@ -154,27 +150,9 @@ def _gzip_and_hash(src: bytes, dst: str, job: JobRecord) -> None:
         # A writer found here makes the archiver try again later; once it has closed
         # the file, a change of content sets the job aside with the complete bytes.
         with no_writer(fd):
-            if st.st_size <= _CHUNK:
-                # One byte more than its size: a file that grew since fails the hash.
-                want = st.st_size + 1
-                data = os.read(fd, want)
-                while len(data) < want and (more := os.read(fd, want - len(data))):
-                    data += more
-                _check_source(hashlib.sha256(data).hexdigest(), job)
-                blob = gzip.compress(data, 6, mtime=0)
-                _check_copy(hashlib.sha256(gzip.decompress(blob)).hexdigest(), job.sha256)
-                _write_all(dst, blob)
-            else:
-                h = hashlib.sha256()
-                with open(dst, "wb") as raw, gzip.GzipFile("", "wb", 6, raw, mtime=0) as gz:
-                    while chunk := os.read(fd, _CHUNK):
-                        h.update(chunk)
-                        gz.write(chunk)
-                _check_source(h.hexdigest(), job)
+            _check_source(compress_into(fd, dst, codec, threads=threads), job)
     finally:
         os.close(fd)
-    if st.st_size > _CHUNK:
-        _verify_gzip(dst, job.sha256)
 
 
 def _check_source(digest: str, job: JobRecord) -> None:
@@ -200,12 +178,8 @@ def _write_all(path: str, data: bytes) -> None:
         os.close(fd)
 
 
-def _verify_gzip(path: str | Path, sha256: str | None) -> None:
-    h = hashlib.sha256()
-    with gzip.open(path, "rb") as gz:
-        while chunk := gz.read(_CHUNK):
-            h.update(chunk)
-    _check_copy(h.hexdigest(), sha256)
+def _verify_copy(path: str | Path, kind: Kind, sha256: str | None) -> None:
+    _check_copy(expanded_sha256(str(path), kind), sha256)
 
 
 def build_archive(
@@ -219,8 +193,11 @@ def build_archive(
     skip_outputs: set[str],
     barrier: Barrier,
     deliveries: list[dict[str, Any]] | None = None,
+    codec: Codec = GZIP,
+    threads: int = 1,
 ) -> dict[str, Any]:
-    """Write `<final_dir>.tmp/` completely; the caller flushes the barrier, then publishes.
+    """Write `<final_dir>.tmp/` completely, the source compressed by `codec` on
+    `threads` threads; the caller flushes the barrier, then publishes.
 
     Returns the manifest.
     """
@@ -234,16 +211,18 @@ def build_archive(
     except FileNotFoundError:  # the first archive of the day
         final_dir.parent.mkdir(parents=True, exist_ok=True)
         os.mkdir(tmp)
-    gz_name = os.fsdecode(safe_archive_name(job.name, b".gz"))
+    copy_name = os.fsdecode(safe_archive_name(job.name, codec.suffix.encode()))
     proc = os.fsencode(proc_dir)
     payload = stored_name(job.name)
     try:
-        _gzip_and_hash(proc + b"/" + payload, f"{tmp}/{gz_name}", job)
+        _compress_and_hash(proc + b"/" + payload, f"{tmp}/{copy_name}", job, codec, threads)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # never leave a copy of changed content
         raise
-    files: list[dict[str, Any]] = [{"name": gz_name, "role": "source", "sha256": job.sha256}]
-    barrier.file(f"{tmp}/{gz_name}")
+    files: list[dict[str, Any]] = [
+        {"name": copy_name, "role": "source", "sha256": job.sha256, "compression": codec.kind}
+    ]
+    barrier.file(f"{tmp}/{copy_name}")
     stored_names = sorted(os.listdir(proc))
     for stored in stored_names:
         if stored in (payload, b"out", b"error.json"):
@@ -300,12 +279,18 @@ def check_published(final_dir: Path, job: JobRecord, barrier: Barrier) -> None:
     manifest = read_json(final_dir / "manifest.json") or {}
     files = manifest.get("files") or [{}]
     source = final_dir / str(files[0].get("name", ""))
-    _verify_gzip(source, job.sha256)
+    _verify_copy(source, compression_of(files[0]), job.sha256)
     for entry in final_dir.iterdir():
         if entry.is_file():
             barrier.file(entry)
     barrier.dir(final_dir)
     barrier.dir(final_dir.parent)
+
+
+def compression_of(entry: dict[str, Any]) -> Kind:
+    """How a manifest's source entry is compressed; one without the key is gzip."""
+    kind = entry.get("compression", "gzip")
+    return kind if kind in ("gzip", "zstd", "none") else "gzip"
 
 
 def publish_archive(final_dir: Path) -> None:

@@ -1,6 +1,6 @@
 """The archiver's file work, in a worker process of its own.
 
-Archiving is a long run of short system calls: for each file a folder, the `.gz`,
+Archiving is a long run of short system calls: for each file a folder, the copy,
 `manifest.json`, a rename, and later the removal of the source. Each call
 releases the GIL, and in the service's process each then waits to take it back behind
 the event loop and the importer threads: that wait made the archiver the slowest stage
@@ -38,6 +38,7 @@ from service.errors import JobError
 from service.importers.base import Result
 from service.ledger.base import JobRecord
 from service.storage import archive as arch
+from service.storage.codec import GZIP, Codec
 from service.storage.fsutil import Barrier, libc, remove_tree
 
 __all__ = ["Entry", "Writer", "Written", "remove", "write"]
@@ -73,8 +74,18 @@ class Writer:
     interpreter cannot be run again, e.g. under another user), the same work runs in a
     thread of the service, as it did before the worker existed."""
 
-    def __init__(self, proc_root: Path, temp_root: Path, failed_root: Path) -> None:
+    def __init__(
+        self,
+        proc_root: Path,
+        temp_root: Path,
+        failed_root: Path,
+        *,
+        codecs: dict[str, Codec] | None = None,
+        threads: int = 1,
+    ) -> None:
         self.proc_root, self.temp_root, self.failed_root = proc_root, temp_root, failed_root
+        # Per route, how its sources are compressed, and the threads that compress one.
+        self.codecs, self.threads = codecs or {}, threads
         self._limiter = anyio.CapacityLimiter(1)
         self._in_worker = True
         self.worker_pid: int | None = None  # the last call's worker; None in a thread
@@ -98,7 +109,8 @@ class Writer:
         A worker that died mid-batch, or could not be started again, fails the whole
         batch: each archive is built again on the archiver's next try."""
         batch, ids = list(entries), list(remove)
-        args = (self.proc_root, self.temp_root, self.failed_root, batch, ids)
+        packing = (self.codecs, self.threads)
+        args = (self.proc_root, self.temp_root, self.failed_root, batch, ids, packing)
         try:
             try:
                 written, removal_error = await self._run(write, *args)
@@ -135,6 +147,7 @@ def write(
     failed_root: Path,
     entries: list[Entry],
     removable: list[str],
+    packing: tuple[dict[str, Codec], int] = ({}, 1),
 ) -> tuple[list[Written], BaseException | None]:
     """Blocking: build each `<id>.tmp/`, one barrier, publish all, one barrier; and
     meanwhile, in a thread, `remove` the folders of the jobs in `removable`.
@@ -142,19 +155,26 @@ def write(
     The removal mostly waits (here each unlink waits for the disk's discard), so it
     overlaps the build rather than taking a call of its own. Returns what became of
     each entry, and the removal's error if it failed (`Writer.write` removes again).
+    `packing`: per route the codec of its sources, and the threads compressing one.
 
     A failed barrier (fsync) fails the whole batch: each archive is built again from
     its source on the next try, never trusted after a failed fsync.
     """
     removal = _removals.submit(remove, proc_root, temp_root, removable) if removable else None
     try:
-        written = _write(proc_root, failed_root, entries)
+        written = _write(proc_root, failed_root, entries, *packing)
     finally:
         removal_error = removal.exception() if removal is not None else None  # waits for it
     return written, _portable(removal_error)
 
 
-def _write(proc_root: Path, failed_root: Path, entries: list[Entry]) -> list[Written]:
+def _write(
+    proc_root: Path,
+    failed_root: Path,
+    entries: list[Entry],
+    codecs: dict[str, Codec],
+    threads: int,
+) -> list[Written]:
     barrier = Barrier()
     errors: list[BaseException | None] = []
     done_before: set[str] = set()
@@ -182,6 +202,8 @@ def _write(proc_root: Path, failed_root: Path, entries: list[Entry]) -> list[Wri
                 skip_outputs={pending.name} if pending else set(),
                 barrier=barrier,
                 deliveries=list(entry.deliveries),
+                codec=codecs.get(job.route, GZIP),
+                threads=threads,
             )
             crash_point("mid_archive")
             errors.append(None)
