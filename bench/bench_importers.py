@@ -9,3 +9,7 @@ def read_once(job: Any) -> None:
     """The no-op import: read the claimed file once, as any real importer would."""
     with open(job.path, "rb") as f:
         f.read()
+
+
+def noop(job: Any) -> None:
+    """An import that does nothing: what is measured is filedock's own work."""
