@@ -1,7 +1,7 @@
 """The service's lifecycle: the only module that starts long-running tasks or owns signals.
 
-settings → folders and self-checks → ledger → recovery → pipeline, discovery,
-HTTP, housekeeping → (signal) → ordered shutdown.
+settings → folders and self-checks → ledger → instance registered → recovery →
+pipeline, discovery, HTTP, housekeeping → (signal) → ordered shutdown → stopped.
 
 Shutdown has two stages. The first SIGTERM/SIGINT stops intake and lets
 in-flight imports finish within `shutdown_grace_s`; what is left is cancelled
@@ -30,6 +30,7 @@ from service.errors import StartupError
 from service.face.http import Health, build_http_app, serve_http
 from service.face.metrics import Metrics
 from service.ledger import UNFINISHED, JobRecord, Ledger, ledger_for_url
+from service.ledger.base import ReplicaRecord
 from service.notify.dispatcher import Dispatcher
 from service.pipeline import Pipeline
 from service.settings import Settings
@@ -41,6 +42,7 @@ from service.storage.fsutil import (
 )
 from service.upkeep.reaper import Reaper
 from service.upkeep.recovery import Recovery
+from service.upkeep.replicas import mark_stopped, register
 
 __all__ = ["App"]
 
@@ -113,12 +115,17 @@ class App:
         ledger = ledger_for_url(s.effective_ledger_url)
         await ledger.open()
         try:
-            return await self._run(ledger)
+            replica = await register(ledger, s.replica_id, s.lease_s)
+            try:
+                return await self._run(ledger, replica)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await mark_stopped(ledger, replica)
         finally:
             with anyio.CancelScope(shield=True):
                 await ledger.close()
 
-    async def _run(self, ledger: Ledger) -> int:
+    async def _run(self, ledger: Ledger, replica: ReplicaRecord) -> int:
         s, m = self.settings, self.metrics
         router = Router(list(s.routes))
         transfer_fs = filesystem_type(s.folder("transfer"))
@@ -134,13 +141,14 @@ class App:
             mode=mode,
             network_fs=is_network_filesystem(transfer_fs),
         )
-        pipeline = Pipeline(s, ledger, m, intake, readiness)
+        pipeline = Pipeline(s, ledger, m, intake, readiness, replica)
         health = Health(
             ledger,
             m,
             {name: s.folder(name) for name in (*FOLDERS, "state")},
             s.min_free_bytes,
             discovery_alive=lambda: not discovery_done.is_set(),
+            heartbeat=pipeline.heartbeat.problem,
         )
         discovery_done = anyio.Event()
         started = time.monotonic()
@@ -151,17 +159,19 @@ class App:
                 "watch_mode": mode,
                 "ledger": _redact(ledger.url),
                 "replica_id": s.replica_id,
+                "instance": replica.instance,
                 "once": self.once,
             },
         )
-        dispatcher = Dispatcher(s, ledger, m, pipeline.transitions.outbox)
+        dispatcher = Dispatcher(s, ledger, m, pipeline.transitions.outbox, owner=replica.instance)
+        recovery = Recovery(s, ledger, m, router, replica, sole=self._lock_fd is not None)
         # The sinks' and channels' clients: a missing credential stops the start.
         await pipeline.open()
         try:
             await dispatcher.open()
             try:
                 await self._serve(
-                    pipeline, dispatcher, discovery, ledger, health, router, discovery_done
+                    pipeline, dispatcher, discovery, ledger, health, recovery, discovery_done
                 )
             finally:
                 await dispatcher.aclose()
@@ -192,10 +202,10 @@ class App:
         discovery: Discovery,
         ledger: Ledger,
         health: Health,
-        router: Router,
+        recovery: Recovery,
         discovery_done: anyio.Event,
     ) -> None:
-        s, m = self.settings, self.metrics
+        s = self.settings
         async with anyio.create_task_group() as tg:
             self._tg = tg
             if not self.once:
@@ -206,14 +216,15 @@ class App:
                 )
                 log.info("serving HTTP", extra={"host": s.http.host, "port": self.http_port})
             tg.start_soon(self._tick, health)
-            recovery = Recovery(s, ledger, m, router)
+            tg.start_soon(pipeline.heartbeat.run, name="heartbeat")  # a long recovery beats too
             report = await recovery.run()
             health.recovery_done = True
             for name, task in pipeline.tasks():
                 tg.start_soon(task, name=name)
             if dispatcher.channels and not self.once:
                 tg.start_soon(dispatcher.run, name="dispatcher")
-            judge = Judge(s, ledger, m, pipeline.transitions.outbox, owner=s.replica_id)
+            outbox, instance = pipeline.transitions.outbox, recovery.replica.instance
+            judge = Judge(s, ledger, self.metrics, outbox, owner=instance)
             if judge and not self.once:
                 tg.start_soon(judge.run, name="arrivals")
             tg.start_soon(self._resume_all, pipeline, report.resume)

@@ -24,6 +24,7 @@ async def record(job: ImportJob, sleep_s: float = 0.0) -> dict[str, object]:
         "rel": job.relative_path.decode("utf-8", "replace"),
         "route": job.route,
         "replica": os.environ.get("FILEDOCK_REPLICA_ID"),
+        "pid": os.getpid(),
         "attempt": job.attempt,
         "started": started,
         "ended": time.time(),

@@ -28,6 +28,7 @@ from service.ledger.sqlite import SqliteLedger
 from service.pipeline import Pipeline, Transition
 from service.pipeline.job import Job
 from service.settings import Settings
+from service.upkeep.replicas import this_instance
 
 
 async def ok(job: ImportJob) -> dict[str, Any]:
@@ -137,7 +138,8 @@ async def rig(tmp_path: Path, importer: str = "stages:ok", **route: Any) -> Asyn
     metrics = Metrics(CollectorRegistry())
     intake = Intake(["main"], 16, metrics)
     readiness = Readiness(settings.folder("transfer"))
-    pipeline = Pipeline(settings, ledger, metrics, intake, readiness)
+    replica = this_instance(settings.replica_id)
+    pipeline = Pipeline(settings, ledger, metrics, intake, readiness, replica)
     events: list[Transition] = []
     pipeline.transitions.subscribe(events.append)
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 
 from conftest import FiledockTree, free_port
 
@@ -54,8 +55,8 @@ def test_help_lists_every_command() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "service", "--help"], capture_output=True, text=True, check=True
     ).stdout
-    commands = ("run", "check-config", "status", "jobs", "show", "retry", "events", "reap")
-    for command in (*commands, "expectations"):
+    commands = ("run", "check-config", "status", "jobs", "show", "retry", "events", "replicas")
+    for command in (*commands, "expectations", "reap"):
         assert command in out
 
 
@@ -75,6 +76,15 @@ def test_a_second_process_on_one_sqlite_ledger_is_refused(tree: FiledockTree) ->
     assert "PostgreSQL" in second.stderr
     assert service.stop() == 0
     assert tree.run_once().returncode == 0  # the lock goes with the process
+
+    # Each start was an instance of its own, named after the host; the refused one none.
+    replicas = json.loads(tree.cli("replicas", "--json").stdout)
+    assert [(r["name"], r["state"], r["jobs"]) for r in replicas] == [
+        (socket.gethostname(), "stopped", 0)
+    ] * 2
+    assert replicas[1]["pid"] == service.proc.pid
+    assert replicas[0]["instance"] != replicas[1]["instance"]
+    assert replicas[0]["instance"] in tree.cli("replicas").stdout
 
 
 def test_a_file_open_for_writing_waits_for_its_writer(tree: FiledockTree) -> None:

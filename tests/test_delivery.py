@@ -17,7 +17,7 @@ from conftest import Mount, free_port
 from http_receiver import Receiver
 from stages import Rig, rig
 
-from service.face.cli import retry_job
+from service.face.retry import retry_job
 from service.pipeline.job import Job
 
 JOB = "20261207T101500000Z-0000000"

@@ -342,7 +342,7 @@ async def test_take_orphans_respects_live_leases_and_takes_expired_ones(ledger: 
             job(0, state="importing", owner="other", lease_expires_at=NOW + 10),  # live
             job(1, state="claimed", owner="other", lease_expires_at=NOW - 1),  # expired
             job(2, state="waiting", owner=None),  # never owned
-            job(3, state="archiving", owner="me", lease_expires_at=NOW + 10),  # mine
+            job(3, state="archiving", owner="me", lease_expires_at=NOW + 10),  # mine: kept
             job(4, state="done", owner="other", lease_expires_at=NOW - 100),  # finished
             job(5, state="failed", owner=None),  # finished
             job(6, state="importing", owner="third", lease_expires_at=NOW + 0.5),  # live
@@ -350,7 +350,7 @@ async def test_take_orphans_respects_live_leases_and_takes_expired_ones(ledger: 
         ]
     )
     taken = await ledger.take_orphans(NOW, "me", 30.0)
-    assert [r.id for r in taken] == [job(n).id for n in (1, 2, 3)]
+    assert [r.id for r in taken] == [job(n).id for n in (1, 2)]
     for r in taken:
         assert (r.owner, r.lease_expires_at) == ("me", NOW + 30)
         assert await ledger.get(r.id) == r
@@ -490,7 +490,7 @@ async def test_take_due_gives_a_due_delivering_job_back_without_claiming_it(
     assert await ledger.take_due(NOW, 10, "replica-b", 30) == []
 
 
-async def test_a_version_1_ledger_gains_the_deliveries_outbox_and_windows_tables(
+async def test_a_version_1_ledger_gains_the_deliveries_outbox_windows_and_replicas_tables(
     open_ledger: OpenLedger, backend_url: str
 ) -> None:
     first = await open_ledger()
@@ -500,6 +500,7 @@ async def test_a_version_1_ledger_gains_the_deliveries_outbox_and_windows_tables
     raw_execute(backend_url, "DROP TABLE outbox")
     raw_execute(backend_url, "DROP TABLE arrival_windows")
     raw_execute(backend_url, "DROP INDEX jobs_route_detected")
+    raw_execute(backend_url, "DROP TABLE replicas")
     raw_execute(backend_url, "UPDATE filedock_schema SET version = 1")
     ledger = await open_ledger()
     assert raw_execute(backend_url, "SELECT version FROM filedock_schema") == [(SCHEMA_VERSION,)]
@@ -512,6 +513,25 @@ async def test_a_version_1_ledger_gains_the_deliveries_outbox_and_windows_tables
     assert not await ledger.record_window(window)
     assert [w.judgement for w in await ledger.windows("orders", "daily", 5)] == ["missing"]
     assert [a.job_id for a in await ledger.arrivals("orders", NOW - 60, NOW)] == [job(1).id]
+    assert await ledger.replicas() == []
+
+
+async def test_a_version_4_ledger_gains_the_replicas_table(
+    open_ledger: OpenLedger, backend_url: str
+) -> None:
+    from service.upkeep.replicas import this_instance
+
+    first = await open_ledger()
+    await first.insert([job(1, state="importing", owner="pod-a")])  # a version 4 owner: a name
+    await first.close()
+    raw_execute(backend_url, "DROP TABLE replicas")
+    raw_execute(backend_url, "UPDATE filedock_schema SET version = 4")
+    ledger = await open_ledger()
+    assert raw_execute(backend_url, "SELECT version FROM filedock_schema") == [(SCHEMA_VERSION,)]
+    me = this_instance("pod-a", now=NOW)
+    assert await ledger.register_replica(me)
+    assert [(r.instance, r.jobs) for r in await ledger.replicas()] == [(me.instance, 0)]
+    assert await ledger.get(job(1).id) == job(1, state="importing", owner="pod-a")
 
 
 async def test_postgres_advisory_lock_is_held_by_one_replica(pg_url: str) -> None:

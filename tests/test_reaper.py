@@ -242,6 +242,24 @@ async def test_old_folders_and_rows_go_young_ones_stay(
     assert again.counts() == {"archive": 0, "failed": 0, "ledger": 0} and not again.pruned
 
 
+async def test_instances_silent_for_a_week_are_pruned(root: Path, ledger: Ledger) -> None:
+    from service.upkeep.replicas import this_instance
+
+    old, recent = (
+        this_instance("pod-a", now=NOW - 8 * DAY),
+        this_instance("pod-a", now=NOW - 6 * DAY),
+    )
+    for r in (old, recent):
+        assert await ledger.register_replica(r)
+    metrics = Metrics(CollectorRegistry())
+    reaper = Reaper(make_settings(root), ledger, metrics, clock=Clock())
+    await reaper.reap_once(dry_run=True)
+    assert len(await ledger.replicas()) == 2
+    await reaper.reap_once(dry_run=False)
+    assert [r.instance for r in await ledger.replicas()] == [recent.instance]
+    assert reaped(metrics, "replicas") == 1
+
+
 async def test_dry_run_deletes_nothing_and_lists_what_a_real_run_deletes(
     root: Path, ledger: Ledger, scene: Scene
 ) -> None:

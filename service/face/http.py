@@ -42,6 +42,7 @@ class Health:
     stopping: bool = False
     loop_tick: float = field(default_factory=time.monotonic)
     discovery_alive: Callable[[], bool] = lambda: True
+    heartbeat: Callable[[], str | None] = lambda: None  # why it is not current, or None
 
     def live(self) -> tuple[bool, dict[str, Any]]:
         stall = time.monotonic() - self.loop_tick
@@ -63,6 +64,9 @@ class Health:
                 await self.ledger.ping()
         except Exception as e:
             reasons["ledger"] = f"the ledger does not answer: {e!r}"[:300]
+        heartbeat = self.heartbeat()
+        if heartbeat is not None:  # other replicas may take this one's jobs over
+            reasons["heartbeat"] = heartbeat
         for name, path in self.folders.items():
             if not os.access(path, os.W_OK | os.X_OK):
                 reasons[f"folder:{name}"] = f"{os.fspath(path)} is not writable"

@@ -218,7 +218,8 @@ class Metrics:
         )
         self.reaped = Counter(
             p + "reaped_total",
-            "What the retention reaper deleted, by kind (archive, failed, ledger).",
+            "What the retention reaper deleted, by kind (archive, failed, ledger, events,"
+            " replicas).",
             ["kind"],
             registry=r,
         )

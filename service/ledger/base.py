@@ -19,6 +19,7 @@ __all__ = [
     "DELIVERY_COLUMNS",
     "FINAL_STATES",
     "OUTBOX_COLUMNS",
+    "REPLICA_COLUMNS",
     "STATES",
     "WINDOW_COLUMNS",
     "Arrival",
@@ -29,6 +30,7 @@ __all__ = [
     "Ledger",
     "OutboxRecord",
     "Outcome",
+    "ReplicaRecord",
     "State",
     "WindowRecord",
 ]
@@ -46,7 +48,7 @@ STATES: Final[tuple[State, ...]] = (
 )
 FINAL_STATES: Final = frozenset({"done", "failed"})
 UNFINISHED: Final = ("claimed", "importing", "waiting", "delivering", "archiving")
-SCHEMA_VERSION: Final = 4  # 2: the deliveries table; 3: the outbox; 4: arrival windows
+SCHEMA_VERSION: Final = 5  # 2: deliveries; 3: the outbox; 4: arrival windows; 5: the replicas
 
 
 @dataclass
@@ -233,10 +235,37 @@ class Arrival:
     state: str
 
 
+@dataclass
+class ReplicaRecord:
+    """One start of a filedock process: `instance` is unique to it and is the `owner` of
+    the jobs it holds; `name` is its configured `replica_id` (the pod name), which
+    several instances may share. `host`, `boot_id`, `pid_ns`, `pid` and `pid_start`
+    (the process's start time in clock ticks since boot) let a process on the same
+    host tell whether this one still runs; `heartbeat_at` is written every
+    `lease_s / 3`; `stopped_at` once it has stopped cleanly. `jobs` is read, never
+    written: the unfinished jobs it holds."""
+
+    instance: str
+    name: str
+    host: str
+    pid: int
+    started_at: float
+    heartbeat_at: float
+    version: str = ""
+    boot_id: str | None = None
+    pid_ns: str | None = None
+    pid_start: int | None = None
+    stopped_at: float | None = None
+    jobs: int = 0
+
+
 COLUMNS: Final = tuple(f.name for f in dataclasses.fields(JobRecord))
 OUTBOX_COLUMNS: Final = tuple(f.name for f in dataclasses.fields(OutboxRecord))
 DELIVERY_COLUMNS: Final = tuple(f.name for f in dataclasses.fields(DeliveryRecord))
 WINDOW_COLUMNS: Final = tuple(f.name for f in dataclasses.fields(WindowRecord))
+REPLICA_COLUMNS: Final = tuple(  # `jobs` is counted when read, never stored
+    f.name for f in dataclasses.fields(ReplicaRecord) if f.name != "jobs"
+)
 UPDATABLE: Final = frozenset(COLUMNS) - {"id"}
 
 
@@ -325,13 +354,43 @@ class Ledger(Protocol):
         """
 
     async def take_orphans(
-        self, now: float, owner: str, lease_s: float, *, include_own: bool = True
+        self,
+        now: float,
+        owner: str,
+        lease_s: float,
+        *,
+        gone: Sequence[str] = (),
+        everyone: bool = False,
     ) -> list[JobRecord]:
-        """Unfinished jobs whose lease has expired (or that have no owner), now owned by
-        `owner`; with `include_own` (at start-up), also every job `owner` already had."""
+        """Unfinished jobs of other owners whose lease has expired (or that have no
+        owner), and every unfinished job of the instances in `gone` (known to have
+        ended), now owned by `owner`; with `everyone` (no other process can be
+        running), every unfinished job of another owner. `owner`'s own are never taken.
+
+        Several replicas may call this at once: each job goes to exactly one.
+        """
 
     async def renew_leases(self, owner: str, until: float) -> None:
         """Extend the lease of every unfinished job `owner` holds."""
+
+    async def register_replica(self, replica: ReplicaRecord) -> bool:
+        """Write the row of a starting instance; False (nothing written) when its
+        `instance` is taken already."""
+
+    async def replica_heartbeat(self, replica: ReplicaRecord) -> None:
+        """Write the instance's row with its `heartbeat_at` (and again whole, should it
+        have been pruned); `stopped_at` is cleared: it runs."""
+
+    async def replica_stopped(self, instance: str, at: float) -> None:
+        """The instance has stopped cleanly: nothing of it runs any more."""
+
+    async def replicas(self) -> list[ReplicaRecord]:
+        """Every instance's row, the newest start first, with the unfinished jobs each
+        holds (`jobs`)."""
+
+    async def prune_replicas(self, before: float, limit: int) -> int:
+        """Delete rows of instances whose last heartbeat was before `before`; returns how
+        many."""
 
     async def find_done_by_sha256(self, route: str, sha256: str, since: float) -> str | None:
         """The id of a done job of `route` with this content, created after `since`."""
@@ -365,6 +424,13 @@ class Ledger(Protocol):
         """Pending events whose next attempt is due (`due_only`; otherwise every pending
         one, for a digest), oldest first, now held by `owner` for `lease_s`; those
         another live replica holds are skipped."""
+
+    async def release_outbox(
+        self, owner: str, *, gone: Sequence[str] = (), everyone: bool = False
+    ) -> int:
+        """Release the leases on pending events held by the instances in `gone` (known to
+        have ended; with `everyone`, by any owner but `owner`): any dispatcher may take
+        them at once. Returns how many."""
 
     async def outbox_done(self, records: Sequence[OutboxRecord]) -> None:
         """Write the state, attempts, next attempt, error and `sent_at` of events the

@@ -23,81 +23,20 @@ from psycopg_pool import AsyncConnectionPool
 from service.ledger.base import (
     COLUMNS,
     DELIVERY_COLUMNS,
-    SCHEMA_VERSION,
     UNFINISHED,
     DeliveryRecord,
     JobRecord,
     OutboxRecord,
     check_fields,
 )
-from service.ledger.postgres_arrivals import WINDOWS_SCHEMA, PostgresArrivals
-from service.ledger.postgres_outbox import OUTBOX_SCHEMA, PostgresOutbox, insert_events
+from service.ledger.postgres_arrivals import PostgresArrivals
+from service.ledger.postgres_outbox import PostgresOutbox, insert_events
+from service.ledger.postgres_replicas import PostgresReplicas
+from service.ledger.postgres_schema import LOCK_KEY, migrate
 
 __all__ = ["PostgresLedger"]
 
 _UNFINISHED: Final = list(UNFINISHED)
-_DELIVERIES: Final = (
-    """CREATE TABLE deliveries (
-        job_id text NOT NULL,
-        sink text NOT NULL,
-        route text NOT NULL,
-        state text NOT NULL,
-        attempts integer NOT NULL DEFAULT 0,
-        next_attempt_at double precision,
-        error_class text,
-        error text,
-        receipts jsonb NOT NULL DEFAULT '[]',
-        created_at double precision NOT NULL,
-        updated_at double precision NOT NULL,
-        PRIMARY KEY (job_id, sink)
-    )""",
-    "CREATE INDEX deliveries_state ON deliveries (state, route, sink)",
-)
-
-# The current schema; the same columns as SQLite, with bytea names, Unix-second
-# double precision times and the attempt history as jsonb.
-_SCHEMA: Final[tuple[str, ...]] = (
-    """CREATE TABLE jobs (
-        id text PRIMARY KEY,
-        route text NOT NULL,
-        name bytea NOT NULL,
-        relative_path bytea NOT NULL,
-        state text NOT NULL,
-        outcome text,
-        attempts integer NOT NULL DEFAULT 0,
-        size bigint,
-        mtime_ns bigint,
-        sha256 text,
-        next_attempt_at double precision,
-        error_class text,
-        error text,
-        detected_at double precision NOT NULL,
-        created_at double precision NOT NULL,
-        updated_at double precision NOT NULL,
-        archive_path text,
-        failed_path text,
-        duplicate_of text,
-        owner text,
-        lease_expires_at double precision,
-        history jsonb NOT NULL DEFAULT '[]'
-    )""",
-    "CREATE INDEX jobs_state ON jobs (state, next_attempt_at)",
-    "CREATE INDEX jobs_route_sha ON jobs (route, sha256)",
-    "CREATE INDEX jobs_updated ON jobs (updated_at)",
-    "CREATE INDEX jobs_owner ON jobs (owner) WHERE owner IS NOT NULL",
-    *_DELIVERIES,
-    *OUTBOX_SCHEMA,
-    *WINDOWS_SCHEMA,
-)
-# Steps from version n to n + 1, applied in order under the migration lock.
-_MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
-    1: _DELIVERIES,
-    2: OUTBOX_SCHEMA,
-    3: WINDOWS_SCHEMA,
-}
-
-# A lock key is the 64-bit hash of "<schema>:<name>", computed by the server.
-_LOCK_KEY: Final = "hashtextextended(coalesce(current_schema(), '') || ':' || %s, 0)"
 
 
 def _record(row: DictRow) -> JobRecord:
@@ -126,7 +65,7 @@ async def _durable_commits(conn: psycopg.AsyncConnection[Any]) -> None:
         await conn.execute("SET synchronous_commit TO on")
 
 
-class PostgresLedger(PostgresOutbox, PostgresArrivals):
+class PostgresLedger(PostgresOutbox, PostgresArrivals, PostgresReplicas):
     """The ledger in a PostgreSQL database, for one or several replicas.
 
     Args:
@@ -158,7 +97,7 @@ class PostgresLedger(PostgresOutbox, PostgresArrivals):
         # The schema first, on a connection of its own: a wrong URL or a missing
         # database fails at once with the server's own words, not a pool timeout.
         async with await self._connect() as conn:
-            await self._migrate(conn)
+            await migrate(conn, self.url)
         pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = AsyncConnectionPool(
             self.url,
             min_size=self._min_size,
@@ -195,34 +134,6 @@ class PostgresLedger(PostgresOutbox, PostgresArrivals):
         await _durable_commits(conn)
         return conn
 
-    async def _migrate(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        """Create or upgrade the schema; replicas starting together take turns on a lock."""
-        async with conn.transaction():
-            await conn.execute(f"SELECT pg_advisory_xact_lock({_LOCK_KEY})", ("filedock_schema",))
-            await conn.execute(
-                "CREATE TABLE IF NOT EXISTS filedock_schema (version integer NOT NULL)"
-            )
-            cur = await conn.execute("SELECT max(version) FROM filedock_schema")
-            row = await cur.fetchone()
-            version: int | None = row[0] if row is not None else None
-            if version is None:
-                for statement in _SCHEMA:
-                    await conn.execute(statement)
-                await conn.execute(
-                    "INSERT INTO filedock_schema (version) VALUES (%s)", (SCHEMA_VERSION,)
-                )
-                return
-            if version > SCHEMA_VERSION:
-                raise RuntimeError(
-                    f"the ledger at {_redacted(self.url)} has schema {version}, newer than"
-                    f" this filedock ({SCHEMA_VERSION}): upgrade filedock"
-                )
-            for step in range(version, SCHEMA_VERSION):
-                for statement in _MIGRATIONS[step]:
-                    await conn.execute(statement)
-            if version < SCHEMA_VERSION:
-                await conn.execute("UPDATE filedock_schema SET version = %s", (SCHEMA_VERSION,))
-
     def _connection(self) -> AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]:
         if self._pool is None:
             raise RuntimeError("the ledger is not open")
@@ -251,7 +162,7 @@ class PostgresLedger(PostgresOutbox, PostgresArrivals):
         """
         conn = await self._connect()
         try:
-            cur = await conn.execute(f"SELECT pg_try_advisory_lock({_LOCK_KEY})", (key,))
+            cur = await conn.execute(f"SELECT pg_try_advisory_lock({LOCK_KEY})", (key,))
             row = await cur.fetchone()
             held = bool(row and row[0])
             try:
@@ -259,7 +170,7 @@ class PostgresLedger(PostgresOutbox, PostgresArrivals):
             finally:
                 if held and not conn.closed:
                     try:
-                        await conn.execute(f"SELECT pg_advisory_unlock({_LOCK_KEY})", (key,))
+                        await conn.execute(f"SELECT pg_advisory_unlock({LOCK_KEY})", (key,))
                     except psycopg.Error:
                         pass  # closing the connection below releases it as well
         finally:
@@ -419,22 +330,29 @@ class PostgresLedger(PostgresOutbox, PostgresArrivals):
         return records
 
     async def take_orphans(
-        self, now: float, owner: str, lease_s: float, *, include_own: bool = True
+        self,
+        now: float,
+        owner: str,
+        lease_s: float,
+        *,
+        gone: Sequence[str] = (),
+        everyone: bool = False,
     ) -> list[JobRecord]:
         rows = await self._fetch(
             """UPDATE jobs SET owner = %(owner)s, lease_expires_at = %(until)s
                FROM (SELECT id FROM jobs
                      WHERE state = ANY(%(unfinished)s)
-                       AND ((%(own)s AND owner = %(owner)s)
-                            OR (owner IS DISTINCT FROM %(owner)s
-                                AND (owner IS NULL OR lease_expires_at < %(now)s)))
+                       AND owner IS DISTINCT FROM %(owner)s
+                       AND (%(everyone)s OR owner IS NULL OR lease_expires_at < %(now)s
+                            OR owner = ANY(%(gone)s))
                      ORDER BY id
                      FOR UPDATE SKIP LOCKED) AS orphan
                WHERE jobs.id = orphan.id
                RETURNING jobs.*""",
             {
                 "owner": owner,
-                "own": include_own,
+                "gone": list(gone),
+                "everyone": everyone,
                 "until": float(now + lease_s),
                 "now": float(now),
                 "unfinished": _UNFINISHED,
@@ -481,13 +399,3 @@ async def _update_jobs(
             sql.SQL(", ").join(sql.SQL("{} = %s").format(sql.Identifier(k)) for k in fields)
         )
         await cur.execute(query, [_param(k, v) for k, v in fields.items()] + [job_id])
-
-
-def _redacted(url: str) -> str:
-    """The URL without a password, for messages."""
-    try:
-        info = psycopg.conninfo.conninfo_to_dict(url)
-    except psycopg.ProgrammingError:
-        return "<invalid url>"
-    host, db = info.get("host", ""), info.get("dbname", "")
-    return f"postgresql://{host}/{db}"

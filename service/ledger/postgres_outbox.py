@@ -109,6 +109,16 @@ class PostgresOutbox(PostgresAccess):
         )
         return sorted((_record(r) for r in rows), key=lambda r: (r.created_at, r.event_id))
 
+    async def release_outbox(
+        self, owner: str, *, gone: Sequence[str] = (), everyone: bool = False
+    ) -> int:
+        return await self._execute(
+            """UPDATE outbox SET owner = NULL, lease_expires_at = NULL
+               WHERE state = 'pending' AND owner IS NOT NULL AND owner != %s
+                 AND (%s OR owner = ANY(%s))""",
+            (owner, everyone, list(gone)),
+        )
+
     async def outbox_done(self, records: Sequence[OutboxRecord]) -> None:
         if not records:
             return

@@ -29,6 +29,7 @@ from service.ledger.base import (
 )
 from service.ledger.sqlite_arrivals import SqliteArrivals
 from service.ledger.sqlite_outbox import SqliteOutbox, insert_events
+from service.ledger.sqlite_replicas import SqliteReplicas
 from service.ledger.sqlite_writer import WriterThread
 
 __all__ = ["SqliteLedger"]
@@ -75,7 +76,7 @@ def _encode(column: str, value: Any) -> Any:
     return encode_history(value) if column == "history" else value
 
 
-class SqliteLedger(SqliteOutbox, SqliteArrivals):
+class SqliteLedger(SqliteOutbox, SqliteArrivals, SqliteReplicas):
     """The ledger in one SQLite file, for a single replica on node-local storage."""
 
     def __init__(self, path: Path) -> None:
@@ -257,15 +258,23 @@ class SqliteLedger(SqliteOutbox, SqliteArrivals):
         return records
 
     async def take_orphans(
-        self, now: float, owner: str, lease_s: float, *, include_own: bool = True
+        self,
+        now: float,
+        owner: str,
+        lease_s: float,
+        *,
+        gone: Sequence[str] = (),
+        everyone: bool = False,
     ) -> list[JobRecord]:
+        marks = ", ".join("?" * len(gone))
+
         def op(c: sqlite3.Connection) -> list[sqlite3.Row]:
             rows = c.execute(
-                f"SELECT * FROM jobs WHERE state IN {_UNFINISHED}"
-                " AND ((? AND owner = ?)"
-                "      OR (owner IS NOT ? AND (owner IS NULL OR lease_expires_at < ?)))"
+                f"SELECT * FROM jobs WHERE state IN {_UNFINISHED} AND owner IS NOT ?"
+                " AND (? OR owner IS NULL OR lease_expires_at < ?"
+                f"      OR owner IN ({marks}))"
                 " ORDER BY id",
-                (include_own, owner, owner, now),
+                (owner, everyone, now, *gone),
             ).fetchall()
             c.executemany(
                 "UPDATE jobs SET owner = ?, lease_expires_at = ? WHERE id = ?",

@@ -81,6 +81,22 @@ class SqliteOutbox:
             r.owner, r.lease_expires_at = owner, now + lease_s
         return records
 
+    async def release_outbox(
+        self, owner: str, *, gone: Sequence[str] = (), everyone: bool = False
+    ) -> int:
+        marks = ", ".join("?" * len(gone))
+        count: int = await self._writer.call(
+            lambda c: (
+                c.execute(
+                    "UPDATE outbox SET owner = NULL, lease_expires_at = NULL"
+                    " WHERE state = 'pending' AND owner IS NOT NULL AND owner != ?"
+                    f" AND (? OR owner IN ({marks}))",
+                    (owner, everyone, *gone),
+                ).rowcount
+            )
+        )
+        return count
+
     async def outbox_done(self, records: Sequence[OutboxRecord]) -> None:
         rows = [
             (r.state, r.attempts, r.next_attempt_at, r.error, r.sent_at, r.event_id, r.channel)

@@ -105,6 +105,20 @@ CREATE TABLE IF NOT EXISTS arrival_windows (
 );
 CREATE INDEX IF NOT EXISTS jobs_route_detected ON jobs (route, detected_at);
 
+CREATE TABLE IF NOT EXISTS replicas (
+    instance TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    started_at REAL NOT NULL,
+    heartbeat_at REAL NOT NULL,
+    version TEXT NOT NULL,
+    boot_id TEXT,
+    pid_ns TEXT,
+    pid_start INTEGER,
+    stopped_at REAL
+);
+CREATE INDEX IF NOT EXISTS replicas_heartbeat ON replicas (heartbeat_at);
 """
 
 

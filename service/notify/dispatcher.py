@@ -59,12 +59,12 @@ def build_channel(settings: ChannelSettings) -> Channel:
 
 class Dispatcher:
     def __init__(
-        self, settings: Settings, ledger: Ledger, metrics: Metrics, outbox: Outbox
+        self, settings: Settings, ledger: Ledger, metrics: Metrics, outbox: Outbox, *, owner: str
     ) -> None:
         self.ledger = ledger
         self.metrics = metrics
         self.outbox = outbox
-        self.owner = settings.replica_id
+        self.owner = owner  # this instance: the events it takes are leased to it
         self.lease_s = settings.lease_s
         self.settings = {ch.name: ch for ch in settings.notify}
         self.channels = {ch.name: build_channel(ch) for ch in settings.notify}

@@ -46,8 +46,11 @@ class Claimer:
         in_flight: InFlight,
         metrics: Metrics,
         fs_threads: anyio.CapacityLimiter,
+        *,
+        owner: str,
     ) -> None:
         self.settings = settings
+        self.owner = owner  # this instance: its claims' leases are its own
         self.intake = intake
         self.readiness = readiness
         self.lanes = lanes
@@ -103,7 +106,7 @@ class Claimer:
                 detected_at=c.detected_at,
                 created_at=now,
                 updated_at=now,
-                owner=s.replica_id,
+                owner=self.owner,
                 lease_expires_at=now + s.lease_s,
             )
             for c in batch

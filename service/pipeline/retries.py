@@ -78,8 +78,11 @@ class Retries:
         deliver: Callable[[Job], Awaitable[None]],
         set_aside: SetAsideStage,
         later: Later,
+        *,
+        owner: str,
     ) -> None:
         self.settings = settings
+        self.owner = owner  # this instance: the due jobs it takes are leased to it
         self.ledger = ledger
         self.metrics = metrics
         self.transitions = transitions
@@ -98,7 +101,7 @@ class Retries:
     async def dispatch_due(self) -> int:
         """Hand every due retry to its route's workers; returns how many."""
         s = self.settings
-        due = await shielded(self.ledger.take_due(time.time(), 256, s.replica_id, s.lease_s))
+        due = await shielded(self.ledger.take_due(time.time(), 256, self.owner, s.lease_s))
         for record in due:
             await self.resume(record)
         return len(due)

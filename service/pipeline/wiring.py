@@ -25,6 +25,7 @@ from service.discovery.readiness import Readiness
 from service.face.metrics import Metrics
 from service.importers import build_importer, group_importer
 from service.ledger import JobRecord, Ledger
+from service.ledger.base import ReplicaRecord
 from service.notify.events import Outbox
 from service.pipeline.archiver import Archiver
 from service.pipeline.checks import Checks
@@ -49,7 +50,8 @@ Task = tuple[str, Callable[[], Coroutine[Any, Any, None]]]
 
 class Pipeline:
     """Builds the stages; `tasks()` are what the app runs, `stop_imports` and
-    `wait_idle` what it asks of them at shutdown."""
+    `wait_idle` what it asks of them at shutdown. `replica` is this process's
+    registered instance: the owner of the jobs it claims and takes."""
 
     def __init__(
         self,
@@ -58,6 +60,7 @@ class Pipeline:
         metrics: Metrics,
         intake: Intake,
         readiness: Readiness,
+        replica: ReplicaRecord,
     ) -> None:
         s = settings
         folders = {n: s.folder(n) for n in ("proc", "archive", "failed", "temp")}
@@ -125,6 +128,7 @@ class Pipeline:
             self.delivery.take,
             self.set_aside,
             self.later,
+            owner=replica.instance,
         )
         checks = Checks(ledger, folders["proc"], folders["temp"], fs_threads)
         self.workers = Workers(
@@ -141,13 +145,21 @@ class Pipeline:
             folders=folders,
         )
         self.claimer = Claimer(
-            s, intake, readiness, self.lanes, self.transitions, self.in_flight, metrics, fs_threads
+            s,
+            intake,
+            readiness,
+            self.lanes,
+            self.transitions,
+            self.in_flight,
+            metrics,
+            fs_threads,
+            owner=replica.instance,
         )
-        self.heartbeat = Heartbeat(s, ledger, metrics)
+        self.heartbeat = Heartbeat(s, ledger, metrics, replica)
 
     def tasks(self) -> list[Task]:
         """The long-running tasks of the stages (the retry scheduler is separate: `run
-        --once` drives it itself)."""
+        --once` drives it itself; the heartbeat too: it starts before recovery)."""
         out: list[Task] = [("archive worker", self.writer.start)]  # claims need not wait
         for lane in self.lanes:
             name = lane.route.name
@@ -158,7 +170,6 @@ class Pipeline:
             ("delivery", self.delivery.run),
             ("archiver", self.archiver.run),
             ("later", self.later.run),
-            ("lease heartbeat", self.heartbeat.run),
         ]
         return out
 

@@ -4,7 +4,8 @@ What goes, per kind (`settings.retention`, never below 7 days):
 - `archive`: a folder `archive/YYYY/MM/DD/<job-id>/` older than `archive_days`;
 - `failed`: a folder `failed/<job-id>/` older than `failed_days`;
 - `ledger`: a done or failed row whose `updated_at` is older than `ledger_days`; and
-  the outbox's sent (or given up) events written before then.
+  the outbox's sent (or given up) events written before then; and the `replicas` rows
+  of instances silent for `REPLICA_DAYS` (7).
 
 A folder's age is its ledger row's `updated_at`, and only a done or failed row lets
 it go: a folder whose row is younger, or unfinished, stays. A folder without a row
@@ -56,6 +57,7 @@ __all__ = ["MIN_RETENTION_DAYS", "REAPER_LOCK", "ReapReport", "Reaper", "job_id_
 
 MIN_RETENTION_DAYS: Final = 7
 REAPER_LOCK: Final = "filedock-reaper"
+REPLICA_DAYS: Final = 7  # how long `filedock replicas` shows an instance that has ended
 _DAY: Final = 86400.0
 _JOB_ID = re.compile(r"^(\d{8}T\d{6})(\d{3})Z-[0-9a-f]{8}\Z")
 _YEAR = re.compile(r"^\d{4}\Z")
@@ -248,8 +250,10 @@ class Reaper:
             with anyio.CancelScope(shield=True):
                 events = await self._ledger.prune_outbox(before, r.batch_size)
                 windows = await self._ledger.prune_windows(before, r.batch_size)
+                ended = await self._ledger.prune_replicas(now - REPLICA_DAYS * _DAY, r.batch_size)
             self._metrics.reaped.labels("events").inc(events)
             self._metrics.reaped.labels("windows").inc(windows)
+            self._metrics.reaped.labels("replicas").inc(ended)
 
         # A full batch that deleted nothing (say, folders we may not remove) must not spin.
         report.more = (

@@ -7,8 +7,9 @@ counts everything it does in `filedock_recovery_actions_total{kind}`.
 It never deletes a payload: anything it cannot explain is counted as an
 `inconsistency`, logged, and left where it is.
 
-With several replicas it only touches jobs whose lease has expired (or that
-have no row at all), never another live replica's.
+With several replicas it only touches jobs whose lease has expired, jobs of
+instances known to have ended (`replicas.py`), and folders that have no row at all;
+never a live instance's jobs, whatever its name.
 """
 
 from __future__ import annotations
@@ -30,11 +31,13 @@ from service.errors import JobError
 from service.face.logs import job_fields
 from service.face.metrics import Metrics
 from service.ledger import JobRecord, Ledger
+from service.ledger.base import ReplicaRecord
 from service.settings import Settings
 from service.storage.archive import archive_dir_for, check_published, read_json
 from service.storage.claim import payload_name, stored_name
 from service.storage.fsutil import Barrier
 from service.storage.names import rfc3339
+from service.upkeep.replicas import take_orphans
 
 __all__ = ["Recovery", "RecoveryReport"]
 
@@ -53,10 +56,22 @@ class RecoveryReport:
 
 
 class Recovery:
+    """Recovery for the instance `replica`; `sole`: this process holds the ledger's
+    single-replica lock (SQLite), so every job it finds is free to take."""
+
     def __init__(
-        self, settings: Settings, ledger: Ledger, metrics: Metrics, router: Router
+        self,
+        settings: Settings,
+        ledger: Ledger,
+        metrics: Metrics,
+        router: Router,
+        replica: ReplicaRecord,
+        *,
+        sole: bool = False,
     ) -> None:
         self.settings = settings
+        self.replica = replica
+        self.sole = sole
         self.ledger = ledger
         self.metrics = metrics
         self.router = router
@@ -75,9 +90,7 @@ class Recovery:
         """Reconcile; the returned report lists the jobs the pipeline must resume."""
         now = time.time() if now is None else now
         report = RecoveryReport()
-        orphans = await self.ledger.take_orphans(
-            now, self.settings.replica_id, self.settings.lease_s
-        )
+        orphans = await self._take_orphans(now)
         culprit = _lone_culprit(orphans)
         for job in orphans:
             await self._orphan(job, report, now, charge=job.id == culprit)
@@ -89,15 +102,14 @@ class Recovery:
         return report
 
     async def take_over(self, active: set[str], *, now: float | None = None) -> list[JobRecord]:
-        """While running: jobs whose lease expired (their replica died), to resume here.
+        """While running: jobs of instances that have ended (or whose lease expired), to
+        resume here.
 
         Jobs this process holds in memory are left alone.
         """
         now = time.time() if now is None else now
         report = RecoveryReport()
-        orphans = await self.ledger.take_orphans(
-            now, self.settings.replica_id, self.settings.lease_s, include_own=False
-        )
+        orphans = await self._take_orphans(now)
         culprit = _lone_culprit(orphans)
         for job in orphans:
             if job.id not in active:
@@ -106,6 +118,11 @@ class Recovery:
         # whose job is final: finish that too.
         await self._adopt_proc(report, now, skip=active)
         return report.resume
+
+    async def _take_orphans(self, now: float) -> list[JobRecord]:
+        return await take_orphans(
+            self.ledger, self.replica, self.settings.lease_s, now, sole=self.sole
+        )
 
     # -- jobs the ledger knows ---------------------------------------------------------
 
@@ -263,7 +280,7 @@ class Recovery:
             detected_at=now,
             created_at=now,
             updated_at=now,
-            owner=self.settings.replica_id,
+            owner=self.replica.instance,
             lease_expires_at=now + self.settings.lease_s,
         )
         await self.ledger.insert([record])

@@ -37,28 +37,47 @@ from reliability.support import (
 
 
 def _copies(tree: RelTree, files: dict[bytes, bytes]) -> dict[bytes, str]:
-    """Where each file's good copy is: transfer, proc (intact), archive (verified) or nowhere."""
+    """Where each file's good copy is: transfer, proc (intact), archive (verified) or nowhere.
+
+    The service may move files meanwhile, so each place is looked at in the order a file
+    travels through them: transfer/, then the ledger (its row is written before the
+    claim's rename), then proc/, then archive/ or failed/ (each written before the
+    source in proc/ goes). A file that moves on between two looks is found at the next.
+    """
+    where = {
+        rel: "transfer" for rel, content in files.items() if _holds(tree.transfer, rel, content)
+    }
     rows = {bytes(r["relative_path"]): r for r in tree.rows()}
-    archived = tree.archived()
-    where = {}
     for rel, content in files.items():
-        src = os.fsencode(tree.transfer) + b"/" + rel
+        if rel in where:
+            continue
         row = rows.get(rel)
-        if os.path.exists(src) and Path(os.fsdecode(src)).read_bytes() == content:
-            where[rel] = "transfer"
-        elif (
-            row
-            and (tree.folder("proc") / row["id"] / rel.decode()).exists()
-            and (tree.folder("proc") / row["id"] / rel.decode()).read_bytes() == content
-        ):
+        name = rel.rsplit(b"/", 1)[-1]
+        if row is None:
+            where[rel] = "nowhere"
+        elif _holds(tree.folder("proc") / row["id"], name, content):
             where[rel] = "proc"
-        elif row and row["id"] in archived and archive_ok(archived[row["id"]], content):
+        elif _archived(tree, row["id"], content):
             where[rel] = "archive"
-        elif row and row["id"] in tree.failed():
+        elif row["id"] in tree.failed():
             where[rel] = "failed"
         else:
             where[rel] = "nowhere"
     return where
+
+
+def _archived(tree: RelTree, job_id: str, content: bytes) -> bool:
+    folder = tree.archived().get(job_id)
+    return folder is not None and archive_ok(folder, content)
+
+
+def _holds(folder: Path, rel: bytes, content: bytes) -> bool:
+    """Whether `folder/rel` holds `content` (a file moved away meanwhile does not)."""
+    try:
+        with open(os.fsencode(folder) + b"/" + rel, "rb") as f:
+            return f.read() == content
+    except FileNotFoundError:
+        return False
 
 
 def _ready_reasons(service: Service) -> tuple[int, str]:
