@@ -27,9 +27,11 @@ from service.discovery.readiness import Readiness
 from service.discovery.routes import Router
 from service.discovery.watcher import Discovery, detect_watch_mode
 from service.errors import StartupError
+from service.face.gauges import Gauges
 from service.face.http import Health, build_http_app, serve_http
 from service.face.metrics import Metrics
-from service.ledger import UNFINISHED, JobRecord, Ledger, ledger_for_url
+from service.face.progress import ProgressReporter
+from service.ledger import JobRecord, Ledger, ledger_for_url
 from service.ledger.base import ReplicaRecord
 from service.notify.dispatcher import Dispatcher
 from service.pipeline import Pipeline
@@ -40,6 +42,7 @@ from service.storage.fsutil import (
     libc,
     probe_same_filesystem,
 )
+from service.storage.progress import progress_dir
 from service.upkeep.reaper import Reaper
 from service.upkeep.recovery import Recovery
 from service.upkeep.replicas import mark_stopped, register
@@ -230,7 +233,13 @@ class App:
             tg.start_soon(self._resume_all, pipeline, report.resume)
             if not self.once:
                 tg.start_soon(self._take_over, recovery, pipeline)
-            tg.start_soon(self._gauges, pipeline, dispatcher, discovery, ledger, health)
+            gauges = Gauges(s, self.metrics, FOLDERS)
+            tg.start_soon(gauges.run, pipeline, dispatcher, discovery, ledger, health)
+            in_flight = pipeline.in_flight
+            progress = ProgressReporter(
+                progress_dir(s.folder("state")), self.metrics, in_flight.__contains__
+            )
+            tg.start_soon(progress.run)
             self._start_reaper(tg, ledger)
             self.ready.set()
             if self.once:
@@ -295,65 +304,6 @@ class App:
         while True:
             health.loop_tick = time.monotonic()
             await anyio.sleep(1.0)
-
-    async def _gauges(
-        self,
-        pipeline: Pipeline,
-        dispatcher: Dispatcher,
-        discovery: Discovery,
-        ledger: Ledger,
-        health: Health,
-    ) -> None:
-        """Readiness, folder backlogs, oldest waiting file, free space: every few seconds."""
-        s, m = self.settings, self.metrics
-        while True:
-            await health.ready()  # keeps filedock_ready current without a prober
-            for name in FOLDERS:
-                try:
-                    st = os.statvfs(s.folder(name))
-                except OSError:
-                    continue
-                m.filesystem_free.labels(name).set(st.f_bavail * st.f_frsize)
-                m.filesystem_size.labels(name).set(st.f_blocks * st.f_frsize)
-            try:
-                counts = await ledger.counts()
-            except Exception:
-                m.ledger_errors.inc()
-                counts = {}
-            now = time.time()
-            waiting_jobs = sum(counts.get(st, 0) for st in UNFINISHED)
-            await self._delivery_backlog(ledger, now)
-            m.backlog_files.labels("transfer").set(discovery.backlog_files)
-            m.backlog_bytes.labels("transfer").set(discovery.backlog_bytes)
-            m.backlog_files.labels("proc").set(waiting_jobs)
-            m.backlog_files.labels("failed").set(counts.get("failed", 0))
-            oldest = min(
-                [discovery.oldest_mtime or now]
-                + [j.record.detected_at for j in pipeline.in_flight.jobs.values()]
-            )
-            m.oldest_waiting_age.set(max(0.0, now - oldest))
-            pipeline.delivery.show_paused()
-            try:
-                await dispatcher.show_backlog()
-            except Exception:
-                m.ledger_errors.inc()
-            await anyio.sleep(5.0)
-
-    async def _delivery_backlog(self, ledger: Ledger, now: float) -> None:
-        """Per sink: deliveries not done yet and the age of the oldest, from the ledger
-        (so every replica shows the whole backlog)."""
-        try:
-            backlog = await ledger.delivery_backlog()
-        except Exception:
-            self.metrics.ledger_errors.inc()
-            return
-        found = {(route, sink): (n, oldest) for route, sink, n, oldest in backlog}
-        for route in self.settings.routes:
-            for sink in route.deliver:
-                n, oldest = found.get((route.name, sink.name), (0, None))
-                self.metrics.deliveries_waiting.labels(route.name, sink.name).set(n)
-                age = max(0.0, now - oldest) if oldest is not None else 0.0
-                self.metrics.oldest_delivery_age.labels(route.name, sink.name).set(age)
 
     def _start_reaper(self, tg: TaskGroup, ledger: Ledger) -> None:
         if not self.once:

@@ -208,8 +208,10 @@ async def _with_ledger(settings: Settings, fn: Callable[[Any], Awaitable[T]]) ->
 
 
 async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
-    from service.arrivals.report import expectations_report, render_expectations
-    from service.face.status import folder_report, waiting_report
+    from service.arrivals.report import expectations_report
+    from service.face.progress import describe
+    from service.face.status import folder_report, render_status, waiting_report
+    from service.storage.progress import progress_dir, read_progress
 
     folders = await anyio.to_thread.run_sync(folder_report, settings)
     waiting = await anyio.to_thread.run_sync(waiting_report, settings)
@@ -226,32 +228,20 @@ async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         counts, sinks, expected = await _with_ledger(settings, read)
     except ConfigError:
         counts, sinks, expected = {}, [], []
+    now = time.time()
+    in_progress = read_progress(progress_dir(settings.folder("state")), now=now)
+    doc = {
+        "folders": folders,
+        "jobs": counts,
+        "in_progress": [{**p, "shown": describe(p, now)} for p in in_progress],
+        "waiting_in_transfer": waiting,
+        "sinks": sinks,
+        "expectations": expected,
+    }
     if args.json:
-        _print_json(
-            {
-                "folders": folders,
-                "jobs": counts,
-                "waiting_in_transfer": waiting,
-                "sinks": sinks,
-                "expectations": expected,
-            }
-        )
-        return EXIT_OK
-    print(f"{'folder':<10} {'files':>9} {'bytes':>14}  oldest")
-    for name, f in folders.items():
-        print(f"{name:<10} {f['files']:>9} {f['bytes']:>14}  {f['oldest'] or '-'}")
-    print("\njobs: " + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"))
-    if sinks:
-        print("\ndeliveries not done yet (pending, running or waiting for a retry):")
-        for b in sinks:
-            print(f"  {b['route']}/{b['sink']}: {b['open']}, the oldest since {b['oldest']}")
-    if expected:
-        print("\narrival expectations (the last window judged):")
-        print("  " + "\n  ".join(render_expectations(expected)))
-    if waiting:
-        print("\nwaiting in transfer/ (not claimed yet):")
-        for w in waiting:
-            print(f"  {w['path']}: {w['reason']}")
+        _print_json(doc)
+    else:
+        print(render_status(doc))
     return EXIT_OK
 
 
@@ -279,12 +269,20 @@ async def cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def cmd_show(settings: Settings, args: argparse.Namespace) -> int:
+    from service.face.progress import describe
+    from service.face.status import render_job
+    from service.storage.progress import progress_dir, read_progress
+
     async def read(ledger: Ledger) -> dict[str, Any] | None:
         record = await ledger.get(args.job_id)
         if record is None:
             return None
         doc = record.to_json()
         doc["deliveries"] = [d.to_json() for d in await ledger.deliveries(record.id)]
+        now = time.time()
+        for p in read_progress(progress_dir(settings.folder("state")), now=now):
+            if p.get("job_id") == record.id:
+                doc["progress"] = describe(p, now)
         return doc
 
     doc = await _with_ledger(settings, read)
@@ -293,21 +291,8 @@ async def cmd_show(settings: Settings, args: argparse.Namespace) -> int:
         return EXIT_FAILED
     if args.json:
         _print_json(doc)
-        return EXIT_OK
-    for key, value in doc.items():
-        if key not in ("history", "deliveries") and value is not None:
-            print(f"{key:>15}: {value}")
-    for h in doc["history"]:
-        print(f"{'attempt':>15}: " + json.dumps(h, ensure_ascii=True))
-    for d in doc["deliveries"]:
-        line = f"{d['state']}, {d['attempts']} attempt(s)"
-        if d["error_class"]:
-            line += f", last error {d['error_class']}: {d['error']}"
-        if d["next_attempt_at"] and d["state"] == "waiting":
-            line += f", next attempt {d['next_attempt_at']}"
-        print(f"{'sink ' + d['sink']:>15}: {line}")
-        for receipt in d["receipts"]:
-            print(f"{'':>15}  receipt: " + json.dumps(receipt, ensure_ascii=True))
+    else:
+        print(render_job(doc))
     return EXIT_OK
 
 

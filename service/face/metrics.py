@@ -293,6 +293,21 @@ class Metrics:
             ["channel"],
             registry=r,
         )
+        # -- long work in progress --------------------------------------------------
+        self.progress_done = Gauge(
+            p + "work_in_progress_bytes",
+            "Bytes done of the large jobs this process is archiving now (those of at least"
+            " 64 MiB), by route and stage.",
+            ["route", "stage"],
+            registry=r,
+        )
+        self.progress_total = Gauge(
+            p + "work_in_progress_total_bytes",
+            "Bytes in all of the large jobs this process is archiving now, by route and stage.",
+            ["route", "stage"],
+            registry=r,
+        )
+
         # -- arrival expectations --------------------------------------------------
         self.expectation_missing = Gauge(
             p + "expectation_missing",

@@ -1,10 +1,10 @@
-"""`filedock status`: what each folder holds (Kofa's listing), and why files wait.
-
-Blocking; run in a worker thread.
+"""`filedock status` and `show`: what each folder holds (Kofa's listing), why files
+wait (both blocking: run in a worker thread), and the reports as text.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Any
@@ -16,7 +16,7 @@ from service.storage.fsutil import tree_entries
 from service.storage.names import display_name, rfc3339
 from service.storage.writers import LeaseCheck, open_and_check
 
-__all__ = ["folder_report", "waiting_report"]
+__all__ = ["folder_report", "render_job", "render_status", "waiting_report"]
 
 FOLDERS = ("transfer", "proc", "archive", "failed", "temp")
 _WAITING_SHOWN = 1000
@@ -91,3 +91,51 @@ def _open_for_writing(path: bytes) -> bool:
     if fd is not None:
         os.close(fd)
     return writers is LeaseCheck.WRITING
+
+
+def render_status(doc: dict[str, Any]) -> str:
+    """`filedock status` for people: folders, jobs, work in progress, deliveries not done,
+    arrival expectations, and what waits in `transfer/` and why."""
+    from service.arrivals.report import render_expectations
+
+    lines = [f"{'folder':<10} {'files':>9} {'bytes':>14}  oldest"]
+    for name, f in doc["folders"].items():
+        lines.append(f"{name:<10} {f['files']:>9} {f['bytes']:>14}  {f['oldest'] or '-'}")
+    jobs = ", ".join(f"{k} {v}" for k, v in sorted(doc["jobs"].items())) or "none"
+    lines += ["", f"jobs: {jobs}"]
+    if doc["in_progress"]:
+        lines += ["", "large jobs in progress:"]
+        lines += [f"  {p['job_id']} ({p['route']}) {p['shown']}" for p in doc["in_progress"]]
+    if doc["sinks"]:
+        lines += ["", "deliveries not done yet (pending, running or waiting for a retry):"]
+        lines += [
+            f"  {b['route']}/{b['sink']}: {b['open']}, the oldest since {b['oldest']}"
+            for b in doc["sinks"]
+        ]
+    if doc["expectations"]:
+        lines += ["", "arrival expectations (the last window judged):"]
+        lines += [f"  {line}" for line in render_expectations(doc["expectations"])]
+    if doc["waiting_in_transfer"]:
+        lines += ["", "waiting in transfer/ (not claimed yet):"]
+        lines += [f"  {w['path']}: {w['reason']}" for w in doc["waiting_in_transfer"]]
+    return "\n".join(lines)
+
+
+def render_job(doc: dict[str, Any]) -> str:
+    """`filedock show ID` for people: the job's fields, each attempt, each sink with its
+    receipts."""
+    lines = [
+        f"{key:>15}: {value}"
+        for key, value in doc.items()
+        if key not in ("history", "deliveries") and value is not None
+    ]
+    lines += [f"{'attempt':>15}: " + json.dumps(h, ensure_ascii=True) for h in doc["history"]]
+    for d in doc["deliveries"]:
+        line = f"{d['state']}, {d['attempts']} attempt(s)"
+        if d["error_class"]:
+            line += f", last error {d['error_class']}: {d['error']}"
+        if d["next_attempt_at"] and d["state"] == "waiting":
+            line += f", next attempt {d['next_attempt_at']}"
+        lines.append(f"{'sink ' + d['sink']:>15}: {line}")
+        lines += [f"{'':>15}  receipt: " + json.dumps(r, ensure_ascii=True) for r in d["receipts"]]
+    return "\n".join(lines)

@@ -42,6 +42,7 @@ from service.pipeline.workers import Workers
 from service.settings import Settings
 from service.storage.archive_writer import Writer
 from service.storage.codec import Codec, threads_available
+from service.storage.progress import progress_dir
 
 __all__ = ["Pipeline"]
 
@@ -80,6 +81,7 @@ class Pipeline:
             folders["failed"],
             codecs=codecs,
             threads=s.archive.threads or threads_available(),
+            progress=progress_dir(s.folder("state")),
         )
         metrics.worker_pid = lambda: self.writer.worker_pid
         lanes = []

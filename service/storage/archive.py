@@ -32,6 +32,7 @@ from service.storage.claim import no_writer, payload_name, stored_name
 from service.storage.codec import GZIP, Codec, Kind, compress_into, expanded_sha256
 from service.storage.fsutil import Barrier, fsync_dir, move_tree, write_durable
 from service.storage.names import display_name, name_b64, rfc3339, safe_archive_name
+from service.storage.progress import LONG_BYTES, Progress
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -133,10 +134,12 @@ def _dump(doc: dict[str, Any]) -> bytes:
         return (json.dumps(doc, indent=2, ensure_ascii=True) + "\n").encode()
 
 
-def _compress_and_hash(src: bytes, dst: str, job: JobRecord, codec: Codec, threads: int) -> None:
+def _compress_and_hash(
+    src: bytes, dst: str, job: JobRecord, codec: Codec, threads: int, progress: Path | None
+) -> None:
     """Compress the source into `dst`, hashing it on the way: the source must still be
     what was claimed, and each block of the copy is checked as it is written
-    (`codec.compress_into`)."""
+    (`codec.compress_into`). A large one's progress is written into `progress`."""
     fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         st = os.fstat(fd)
@@ -150,7 +153,17 @@ def _compress_and_hash(src: bytes, dst: str, job: JobRecord, codec: Codec, threa
         # A writer found here makes the archiver try again later; once it has closed
         # the file, a change of content sets the job aside with the complete bytes.
         with no_writer(fd):
-            _check_source(compress_into(fd, dst, codec, threads=threads), job)
+            report = None
+            if progress is not None and st.st_size >= LONG_BYTES:
+                report = Progress(progress, job.id, job.route, "archive", st.st_size)
+            try:
+                digest = compress_into(
+                    fd, dst, codec, threads=threads, progress=report.add if report else None
+                )
+            finally:
+                if report is not None:
+                    report.close()
+            _check_source(digest, job)
     finally:
         os.close(fd)
 
@@ -195,9 +208,11 @@ def build_archive(
     deliveries: list[dict[str, Any]] | None = None,
     codec: Codec = GZIP,
     threads: int = 1,
+    progress: Path | None = None,
 ) -> dict[str, Any]:
     """Write `<final_dir>.tmp/` completely, the source compressed by `codec` on
-    `threads` threads; the caller flushes the barrier, then publishes.
+    `threads` threads (a large one's progress written into the folder `progress`);
+    the caller flushes the barrier, then publishes.
 
     Returns the manifest.
     """
@@ -215,7 +230,8 @@ def build_archive(
     proc = os.fsencode(proc_dir)
     payload = stored_name(job.name)
     try:
-        _compress_and_hash(proc + b"/" + payload, f"{tmp}/{copy_name}", job, codec, threads)
+        source = proc + b"/" + payload
+        _compress_and_hash(source, f"{tmp}/{copy_name}", job, codec, threads, progress)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # never leave a copy of changed content
         raise

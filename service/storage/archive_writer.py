@@ -24,7 +24,7 @@ import signal
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -41,7 +41,7 @@ from service.storage import archive as arch
 from service.storage.codec import GZIP, Codec
 from service.storage.fsutil import Barrier, libc, remove_tree
 
-__all__ = ["Entry", "Writer", "Written", "remove", "write"]
+__all__ = ["Entry", "Packing", "Writer", "Written", "remove", "write"]
 
 log = logging.getLogger("filedock.archiver")
 _PR_SET_PDEATHSIG = 1
@@ -57,6 +57,16 @@ class Entry:
     outcome: str
     result: Result | None
     deliveries: tuple[dict[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
+class Packing:
+    """How sources are compressed: each route's codec, the threads that compress one
+    source, and the folder a large one's progress is written into."""
+
+    codecs: dict[str, Codec] = field(default_factory=dict)
+    threads: int = 1
+    progress: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -82,10 +92,12 @@ class Writer:
         *,
         codecs: dict[str, Codec] | None = None,
         threads: int = 1,
+        progress: Path | None = None,
     ) -> None:
         self.proc_root, self.temp_root, self.failed_root = proc_root, temp_root, failed_root
-        # Per route, how its sources are compressed, and the threads that compress one.
-        self.codecs, self.threads = codecs or {}, threads
+        # Per route, how its sources are compressed; the threads that compress one; where
+        # a large one's progress is written.
+        self.packing = Packing(codecs or {}, threads, progress)
         self._limiter = anyio.CapacityLimiter(1)
         self._in_worker = True
         self.worker_pid: int | None = None  # the last call's worker; None in a thread
@@ -109,8 +121,7 @@ class Writer:
         A worker that died mid-batch, or could not be started again, fails the whole
         batch: each archive is built again on the archiver's next try."""
         batch, ids = list(entries), list(remove)
-        packing = (self.codecs, self.threads)
-        args = (self.proc_root, self.temp_root, self.failed_root, batch, ids, packing)
+        args = (self.proc_root, self.temp_root, self.failed_root, batch, ids, self.packing)
         try:
             try:
                 written, removal_error = await self._run(write, *args)
@@ -147,7 +158,7 @@ def write(
     failed_root: Path,
     entries: list[Entry],
     removable: list[str],
-    packing: tuple[dict[str, Codec], int] = ({}, 1),
+    packing: Packing | None = None,
 ) -> tuple[list[Written], BaseException | None]:
     """Blocking: build each `<id>.tmp/`, one barrier, publish all, one barrier; and
     meanwhile, in a thread, `remove` the folders of the jobs in `removable`.
@@ -155,14 +166,14 @@ def write(
     The removal mostly waits (here each unlink waits for the disk's discard), so it
     overlaps the build rather than taking a call of its own. Returns what became of
     each entry, and the removal's error if it failed (`Writer.write` removes again).
-    `packing`: per route the codec of its sources, and the threads compressing one.
+    `packing`: how the sources are compressed (`Packing`).
 
     A failed barrier (fsync) fails the whole batch: each archive is built again from
     its source on the next try, never trusted after a failed fsync.
     """
     removal = _removals.submit(remove, proc_root, temp_root, removable) if removable else None
     try:
-        written = _write(proc_root, failed_root, entries, *packing)
+        written = _write(proc_root, failed_root, entries, packing or Packing())
     finally:
         removal_error = removal.exception() if removal is not None else None  # waits for it
     return written, _portable(removal_error)
@@ -172,8 +183,7 @@ def _write(
     proc_root: Path,
     failed_root: Path,
     entries: list[Entry],
-    codecs: dict[str, Codec],
-    threads: int,
+    packing: Packing,
 ) -> list[Written]:
     barrier = Barrier()
     errors: list[BaseException | None] = []
@@ -202,8 +212,9 @@ def _write(
                 skip_outputs={pending.name} if pending else set(),
                 barrier=barrier,
                 deliveries=list(entry.deliveries),
-                codec=codecs.get(job.route, GZIP),
-                threads=threads,
+                codec=packing.codecs.get(job.route, GZIP),
+                threads=packing.threads,
+                progress=packing.progress,
             )
             crash_point("mid_archive")
             errors.append(None)

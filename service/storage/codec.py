@@ -23,7 +23,7 @@ import hashlib
 import os
 import zlib
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
@@ -84,30 +84,42 @@ def threads_available() -> int:
     return len(os.sched_getaffinity(0))
 
 
-def compress_into(fd: int, dst: str, codec: Codec, *, threads: int) -> str:
+def compress_into(
+    fd: int,
+    dst: str,
+    codec: Codec,
+    *,
+    threads: int,
+    progress: Callable[[int], None] | None = None,
+) -> str:
     """Read `fd` to its end and write its compressed copy to the new file `dst`, each
     block checked against its source; returns the SHA-256 of what was read.
+    `progress` is told the source bytes of each block written.
 
     A block that does not expand to its source raises a retryable `io_error`.
     """
+    done = progress or (lambda n: None)
     out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     h = hashlib.sha256()
     try:
         first = _read_block(fd)
-        h.update(first)
         second = _read_block(fd) if len(first) == BLOCK else b""
         if not second:  # one block: no thread to hand it to
+            h.update(first)
             _write_all(out, _pack(codec, first))
             return h.hexdigest()
         with ThreadPoolExecutor(max(1, threads), thread_name_prefix="filedock-compress") as pool:
-            pending: deque[Future[bytes]] = deque([pool.submit(_pack, codec, first)])
-            for block in _blocks(fd, second):
+            pending: deque[tuple[int, Future[bytes]]] = deque()
+            for block in _blocks(fd, first, second):
                 h.update(block)
-                pending.append(pool.submit(_pack, codec, block))
+                pending.append((len(block), pool.submit(_pack, codec, block)))
                 while len(pending) > 2 * threads:
-                    _write_all(out, pending.popleft().result())
-            while pending:
-                _write_all(out, pending.popleft().result())
+                    n, packed = pending.popleft()
+                    _write_all(out, packed.result())
+                    done(n)
+            for n, packed in pending:
+                _write_all(out, packed.result())
+                done(n)
         return h.hexdigest()
     finally:
         os.close(out)
@@ -145,8 +157,9 @@ def _pack(codec: Codec, block: bytes) -> bytes:
     return blob
 
 
-def _blocks(fd: int, first: bytes) -> Iterator[bytes]:
-    block = first
+def _blocks(fd: int, first: bytes, second: bytes) -> Iterator[bytes]:
+    yield first
+    block = second
     while block:
         yield block
         block = _read_block(fd) if len(block) == BLOCK else b""
