@@ -31,6 +31,7 @@ from service.ledger.base import (
 )
 from service.ledger.postgres_arrivals import PostgresArrivals
 from service.ledger.postgres_outbox import PostgresOutbox, insert_events
+from service.ledger.postgres_reads import PostgresReads, job_record
 from service.ledger.postgres_replicas import PostgresReplicas
 from service.ledger.postgres_schema import LOCK_KEY, migrate
 
@@ -39,22 +40,8 @@ __all__ = ["PostgresLedger"]
 _UNFINISHED: Final = list(UNFINISHED)
 
 
-def _record(row: DictRow) -> JobRecord:
-    values = dict(row)
-    values["name"] = bytes(values["name"])
-    values["relative_path"] = bytes(values["relative_path"])
-    values["history"] = list(values["history"] or [])
-    return JobRecord(**values)
-
-
 def _param(column: str, value: Any) -> Any:
     return Jsonb(value) if column in ("history", "receipts") else value
-
-
-def _delivery(row: DictRow) -> DeliveryRecord:
-    values = dict(row)
-    values["receipts"] = list(values["receipts"] or [])
-    return DeliveryRecord(**values)
 
 
 async def _durable_commits(conn: psycopg.AsyncConnection[Any]) -> None:
@@ -65,7 +52,7 @@ async def _durable_commits(conn: psycopg.AsyncConnection[Any]) -> None:
         await conn.execute("SET synchronous_commit TO on")
 
 
-class PostgresLedger(PostgresOutbox, PostgresArrivals, PostgresReplicas):
+class PostgresLedger(PostgresOutbox, PostgresArrivals, PostgresReplicas, PostgresReads):
     """The ledger in a PostgreSQL database, for one or several replicas.
 
     Args:
@@ -264,52 +251,6 @@ class PostgresLedger(PostgresOutbox, PostgresArrivals, PostgresReplicas):
                 await cur.executemany(upsert, rows)
             await insert_events(cur, events)
 
-    async def deliveries(self, job_id: str) -> list[DeliveryRecord]:
-        rows = await self._fetch(
-            "SELECT * FROM deliveries WHERE job_id = %s ORDER BY sink", (job_id,)
-        )
-        return [_delivery(r) for r in rows]
-
-    async def delivery_backlog(self) -> list[tuple[str, str, int, float | None]]:
-        rows = await self._fetch(
-            "SELECT route, sink, count(*) AS n, min(created_at) AS oldest FROM deliveries"
-            " WHERE state IN ('pending', 'delivering', 'waiting') GROUP BY route, sink"
-        )
-        return [(r["route"], r["sink"], int(r["n"]), r["oldest"]) for r in rows]
-
-    async def get(self, job_id: str) -> JobRecord | None:
-        rows = await self._fetch("SELECT * FROM jobs WHERE id = %s", (job_id,))
-        return _record(rows[0]) if rows else None
-
-    async def query(
-        self,
-        *,
-        states: Sequence[str] | None = None,
-        route: str | None = None,
-        limit: int | None = 100,
-        oldest_first: bool = False,
-    ) -> list[JobRecord]:
-        where: list[sql.Composable] = []
-        params: list[Any] = []
-        if states:
-            where.append(sql.SQL("state = ANY(%s)"))
-            params.append(list(states))
-        if route is not None:
-            where.append(sql.SQL("route = %s"))
-            params.append(route)
-        query: sql.Composable = sql.SQL("SELECT * FROM jobs")
-        if where:
-            query += sql.SQL(" WHERE ") + sql.SQL(" AND ").join(where)
-        query += sql.SQL(" ORDER BY id ASC" if oldest_first else " ORDER BY id DESC")
-        if limit is not None:
-            query += sql.SQL(" LIMIT %s")
-            params.append(limit)
-        return [_record(r) for r in await self._fetch(query, params)]
-
-    async def counts(self) -> dict[str, int]:
-        rows = await self._fetch("SELECT state, count(*) AS n FROM jobs GROUP BY state")
-        return {r["state"]: int(r["n"]) for r in rows}
-
     async def take_due(self, now: float, limit: int, owner: str, lease_s: float) -> list[JobRecord]:
         rows = await self._fetch(
             """UPDATE jobs SET
@@ -325,7 +266,7 @@ class PostgresLedger(PostgresOutbox, PostgresArrivals, PostgresReplicas):
                RETURNING jobs.*""",
             {"owner": owner, "until": float(now + lease_s), "now": float(now), "limit": limit},
         )
-        records = [_record(r) for r in rows]
+        records = [job_record(r) for r in rows]
         records.sort(key=lambda r: (r.next_attempt_at or 0.0, r.id))
         return records
 
@@ -358,7 +299,7 @@ class PostgresLedger(PostgresOutbox, PostgresArrivals, PostgresReplicas):
                 "unfinished": _UNFINISHED,
             },
         )
-        return sorted((_record(r) for r in rows), key=lambda r: r.id)
+        return sorted((job_record(r) for r in rows), key=lambda r: r.id)
 
     async def renew_leases(self, owner: str, until: float) -> None:
         # Rows locked right now are being updated by this replica: alive, skip them
@@ -370,23 +311,6 @@ class PostgresLedger(PostgresOutbox, PostgresArrivals, PostgresReplicas):
                WHERE jobs.id = mine.id""",
             (float(until), owner, _UNFINISHED),
         )
-
-    async def find_done_by_sha256(self, route: str, sha256: str, since: float) -> str | None:
-        rows = await self._fetch(
-            "SELECT id FROM jobs WHERE route = %s AND sha256 = %s AND state = 'done'"
-            " AND outcome IS DISTINCT FROM 'duplicate' AND created_at >= %s"
-            " ORDER BY id LIMIT 1",
-            (route, sha256, float(since)),
-        )
-        return str(rows[0]["id"]) if rows else None
-
-    async def older_than(self, states: Sequence[str], before: float, limit: int) -> list[JobRecord]:
-        rows = await self._fetch(
-            "SELECT * FROM jobs WHERE state = ANY(%s) AND updated_at < %s"
-            " ORDER BY updated_at, id LIMIT %s",
-            (list(states), float(before), limit),
-        )
-        return [_record(r) for r in rows]
 
 
 async def _update_jobs(

@@ -52,6 +52,7 @@ from service.face.metrics import Metrics
 from service.ledger import FINAL_STATES, Ledger
 from service.settings import Retention, Settings
 from service.storage.names import rfc3339
+from service.upkeep.archive_days import Day, old_days, prune, prune_plan, subdirs
 
 __all__ = ["MIN_RETENTION_DAYS", "REAPER_LOCK", "ReapReport", "Reaper", "job_id_time"]
 
@@ -60,8 +61,6 @@ REAPER_LOCK: Final = "filedock-reaper"
 REPLICA_DAYS: Final = 7  # how long `filedock replicas` shows an instance that has ended
 _DAY: Final = 86400.0
 _JOB_ID = re.compile(r"^(\d{8}T\d{6})(\d{3})Z-[0-9a-f]{8}\Z")
-_YEAR = re.compile(r"^\d{4}\Z")
-_TWO_DIGITS = re.compile(r"^\d{2}\Z")
 _FINAL: Final = sorted(FINAL_STATES)
 
 Kind = Literal["archive", "failed", "ledger"]
@@ -220,8 +219,8 @@ class Reaper:
     async def _reap(self, report: ReapReport) -> None:
         r, now = self.retention, report.now
         archive_cut = now - r.archive_days * _DAY
-        days = await anyio.to_thread.run_sync(_old_days, self.archive_root, archive_cut)
-        visited: list[_Day] = []
+        days = await anyio.to_thread.run_sync(old_days, self.archive_root, archive_cut)
+        visited: list[Day] = []
         budget = r.batch_size
         for day in days:
             visited.append(day)
@@ -231,9 +230,9 @@ class Reaper:
         archive_full = budget == 0
         if report.dry_run:
             gone = set(report.archive)
-            report.pruned = await anyio.to_thread.run_sync(_prune_plan, visited, gone, archive_cut)
+            report.pruned = await anyio.to_thread.run_sync(prune_plan, visited, gone, archive_cut)
         else:
-            report.pruned = await anyio.to_thread.run_sync(_prune, visited, archive_cut)
+            report.pruned = await anyio.to_thread.run_sync(prune, visited, archive_cut)
 
         failed_cut = now - r.failed_days * _DAY
         handled = await self._sweep("failed", self.failed_root, failed_cut, report, r.batch_size)
@@ -297,57 +296,10 @@ class Reaper:
 # -- blocking file work (run in threads) ----------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Day:
-    path: Path
-    end: float
-    month_end: float
-    year_end: float
-
-
-def _subdirs(path: Path, pattern: re.Pattern[str]) -> list[str]:
-    """Names of real directories (never symlinks) in `path` matching `pattern`, sorted."""
-    try:
-        with os.scandir(path) as it:
-            names = [
-                e.name for e in it if pattern.match(e.name) and e.is_dir(follow_symlinks=False)
-            ]
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    return sorted(names)
-
-
-def _utc(year: int, month: int = 1, day: int = 1) -> float:
-    return datetime(year, month, day, tzinfo=UTC).timestamp()
-
-
-def _old_days(root: Path, cutoff: float) -> list[_Day]:
-    """The `YYYY/MM/DD` folders of the archive that began before `cutoff`, oldest first."""
-    days: list[_Day] = []
-    for y in _subdirs(root, _YEAR):
-        year = int(y)
-        if year < 1970 or _utc(year) >= cutoff:
-            continue
-        year_end = _utc(year + 1)
-        for m in _subdirs(root / y, _TWO_DIGITS):
-            month = int(m)
-            if not 1 <= month <= 12 or _utc(year, month) >= cutoff:
-                continue
-            month_end = _utc(year + 1) if month == 12 else _utc(year, month + 1)
-            for d in _subdirs(root / y / m, _TWO_DIGITS):
-                try:
-                    start = _utc(year, month, int(d))
-                except ValueError:
-                    continue  # not a date (02/31): not ours to judge
-                if start < cutoff:
-                    days.append(_Day(root / y / m / d, start + _DAY, month_end, year_end))
-    return days
-
-
 def _job_dirs(folder: Path) -> list[tuple[str, float]]:
     """Job folders in `folder` (real directories named like a job id) and their id times."""
     found: list[tuple[str, float]] = []
-    for name in _subdirs(folder, _JOB_ID):
+    for name in subdirs(folder, _JOB_ID):
         created = job_id_time(name)
         if created is not None:
             found.append((name, created))
@@ -372,39 +324,3 @@ def _remove_job_dir(path: Path, root: Path) -> str | None:
     except OSError as e:
         return f"cannot remove {path}: {e.strerror or e}"
     return None
-
-
-def _empty_periods(days: list[_Day], cutoff: float) -> list[Path]:
-    """Day, month and year folders wholly older than `cutoff`, children before parents."""
-    months = {d.path.parent: d.month_end for d in days}
-    years = {d.path.parent.parent: d.year_end for d in days}
-    return (
-        [d.path for d in days if d.end <= cutoff]
-        + sorted(p for p, end in months.items() if end <= cutoff)
-        + sorted(p for p, end in years.items() if end <= cutoff)
-    )
-
-
-def _prune(days: list[_Day], cutoff: float) -> list[Path]:
-    pruned: list[Path] = []
-    for path in _empty_periods(days, cutoff):
-        try:
-            path.rmdir()  # only when empty: whatever is left in it stays
-        except OSError:
-            continue
-        pruned.append(path)
-    return pruned
-
-
-def _prune_plan(days: list[_Day], gone: set[Path], cutoff: float) -> list[Path]:
-    """What `_prune` would remove once the paths in `gone` are deleted."""
-    gone = set(gone)
-    plan: list[Path] = []
-    for path in _empty_periods(days, cutoff):
-        try:
-            if all(path / name in gone for name in os.listdir(path)):
-                plan.append(path)
-                gone.add(path)
-        except OSError:
-            continue
-    return plan
