@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 
@@ -13,3 +14,8 @@ def read_once(job: Any) -> None:
 
 def noop(job: Any) -> None:
     """An import that does nothing: what is measured is filedock's own work."""
+
+
+def wait_50ms(job: Any) -> None:
+    """An I/O-bound import: 50 ms waiting on another system, as a remote call does."""
+    time.sleep(0.05)
