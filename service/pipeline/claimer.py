@@ -127,6 +127,7 @@ class Claimer:
                 companions=companion_suffixes(route),
                 max_size=route.max_size_bytes,
                 temp=self.temp if needs_dirs(route) else None,
+                barrier_mode=s.barrier,
             ),
             limiter=self._fs_threads,
         )

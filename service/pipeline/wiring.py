@@ -82,6 +82,7 @@ class Pipeline:
             codecs=codecs,
             threads=s.archive.threads or threads_available(),
             progress=progress_dir(s.folder("state")),
+            barrier=s.barrier,
         )
         metrics.worker_pid = lambda: self.writer.worker_pid
         lanes = []

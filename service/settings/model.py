@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     http: HttpSettings = HttpSettings()
     retention: Retention = Retention()
     archive: ArchiveSettings = ArchiveSettings()
+    # How a batch of claims or archives is made durable: one syncfs() of the filesystem,
+    # an fsync of each file and folder, or (auto) syncfs unless much else is dirty.
+    barrier: Literal["auto", "syncfs", "fsync"] = "auto"
     routes: list[Route] = Field(default_factory=list)
     notify: list[ChannelSettings] = Field(default_factory=list)
 

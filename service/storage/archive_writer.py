@@ -39,7 +39,7 @@ from service.importers.base import Result
 from service.ledger.base import JobRecord
 from service.storage import archive as arch
 from service.storage.codec import GZIP, Codec
-from service.storage.fsutil import Barrier, libc, remove_tree
+from service.storage.fsutil import Barrier, BarrierMode, libc, remove_tree
 
 __all__ = ["Entry", "Packing", "Writer", "Written", "remove", "write"]
 
@@ -61,12 +61,14 @@ class Entry:
 
 @dataclass(frozen=True)
 class Packing:
-    """How sources are compressed: each route's codec, the threads that compress one
-    source, and the folder a large one's progress is written into."""
+    """How sources are compressed and made durable: each route's codec, the threads
+    that compress one source, the folder a large one's progress is written into, and
+    the barrier's mode."""
 
     codecs: dict[str, Codec] = field(default_factory=dict)
     threads: int = 1
     progress: Path | None = None
+    barrier: BarrierMode = "auto"
 
 
 @dataclass(frozen=True)
@@ -93,11 +95,12 @@ class Writer:
         codecs: dict[str, Codec] | None = None,
         threads: int = 1,
         progress: Path | None = None,
+        barrier: BarrierMode = "auto",
     ) -> None:
         self.proc_root, self.temp_root, self.failed_root = proc_root, temp_root, failed_root
         # Per route, how its sources are compressed; the threads that compress one; where
         # a large one's progress is written.
-        self.packing = Packing(codecs or {}, threads, progress)
+        self.packing = Packing(codecs or {}, threads, progress, barrier)
         self._limiter = anyio.CapacityLimiter(1)
         self._in_worker = True
         self.worker_pid: int | None = None  # the last call's worker; None in a thread
@@ -185,7 +188,7 @@ def _write(
     entries: list[Entry],
     packing: Packing,
 ) -> list[Written]:
-    barrier = Barrier()
+    barrier = Barrier(packing.barrier)
     errors: list[BaseException | None] = []
     done_before: set[str] = set()
     for entry in entries:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Literal
 
 from service.crash import crash_point
 from service.errors import JobError
-from service.storage.fsutil import Barrier
+from service.storage.fsutil import Barrier, BarrierMode
 from service.storage.writers import LeaseCheck, open_and_check, still_idle, writer_check_fd
 
 if TYPE_CHECKING:  # the archive worker process imports this module: no pydantic there
@@ -76,7 +76,7 @@ def claim_batch(
     companions: tuple[bytes, ...] = (),
     max_size: int | None = None,
     temp: Path | None = None,
-    use_syncfs: bool = True,
+    barrier_mode: BarrierMode = "auto",
 ) -> list[ClaimResult]:
     """Rename each `transfer/<rel>` to `proc/<id>/<name>`; one barrier for the batch.
 
@@ -92,7 +92,7 @@ def claim_batch(
     call, so a batch costs one trip to a worker thread.
     """
     tb, pb = os.fsencode(transfer), os.fsencode(proc)
-    barrier = Barrier(use_syncfs=use_syncfs)
+    barrier = Barrier(barrier_mode)
     results: list[ClaimResult] = []
     for rel, job_id in items:
         src = tb + b"/" + rel
@@ -111,6 +111,8 @@ def claim_batch(
                 os.close(fd)  # releases the lease
         results.append(result)
         if result.status == "claimed":
+            # The upstream's bytes may not be on disk yet: a per-file barrier syncs them.
+            barrier.file(job_dir + b"/" + stored_name(rel.rsplit(b"/", 1)[-1]))
             barrier.dir(Path(os.fsdecode(src)).parent)
             barrier.dir(Path(os.fsdecode(job_dir)))
     if any(r.status == "claimed" for r in results):

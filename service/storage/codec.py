@@ -126,7 +126,17 @@ def compress_into(
 
 
 def expanded_sha256(path: str, kind: Kind) -> str:
-    """The SHA-256 of what an archived copy expands to (every member or frame)."""
+    """The SHA-256 of what an archived copy expands to (every member or frame); a copy
+    that does not decode raises a retryable `io_error`."""
+    try:
+        return _expanded_sha256(path, kind)
+    except OSError:
+        raise
+    except Exception as e:  # zlib's, isal's or zstd's error for a damaged copy
+        raise JobError("io_error", f"the archived copy does not decode: {e}", retryable=True) from e
+
+
+def _expanded_sha256(path: str, kind: Kind) -> str:
     h = hashlib.sha256()
     if kind == "gzip":
         with gzip.open(path, "rb") as gz:
