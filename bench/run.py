@@ -113,6 +113,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         'does by default: see docs/benchmarks.md, "The machine"); for a smoke run beside\n'
         "other work, whose figures are not compared",
     )
+    ap.add_argument(
+        "--dirty-mb",
+        type=int,
+        default=0,
+        help="burst and sustained on a busy disk: the staged files are not synced before\n"
+        "a contender runs (as an upload just written), and this many MiB are written\n"
+        "beside it, never synced, as it starts (another upload still being written)",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the work dir")
     ap.add_argument("--table", type=Path, default=None, help="print the table of a results file")
     return ap.parse_args(argv)
@@ -210,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         peer_big=not args.quick and not args.no_peer_big,
         py_spy=args.py_spy,
         settle=not args.no_settle,
+        dirty_mb=args.dirty_mb,
         contenders=tuple(c.strip() for c in args.contenders.split(",") if c.strip()),
         log=lambda m: print(m, flush=True),
         **sizes,
@@ -217,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "quick": args.quick,
+        "dirty_mb": args.dirty_mb,
         "sizes": sizes,
         "service_dir": str(args.service_dir.resolve()),
         "service_version": version,

@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -55,6 +56,7 @@ class Ctx:
     contenders: tuple[str, ...] = ("floor", "layout", "work", "peer", "filedock")
     py_spy: Path | None = None
     settle: bool = True  # `settle_fs` before each contender
+    dirty_mb: int = 0  # staged files left dirty, and this much written beside each run
     log: Callable[[str], None] = print
     lost_files: int = 0
     caches_dropped: bool | None = None  # what the last `settle_fs` could do
@@ -147,11 +149,28 @@ def _check(ctx: Ctx, verdict: dict[str, Any], label: str) -> None:
         ctx.log(f"  !! {label}: filedock LOST or damaged files: {verdict}")
 
 
-def _stage(staging: Path, n: int, size: int, *, hashes: bool) -> tuple[list[str], dict[str, str]]:
+def _stage(
+    staging: Path, n: int, size: int, *, hashes: bool, sync: bool = True
+) -> tuple[list[str], dict[str, str]]:
     names = file_names(n)
     sources = make_files(staging, names, size, hashes=hashes)
-    os.sync()  # the staging writes must not land inside a contender's fsyncs
+    if sync:  # the staging writes must not land inside a contender's fsyncs
+        os.sync()
     return names, sources
+
+
+def _dirty_writer(path: Path, mib: int) -> threading.Thread:
+    """Write `mib` MiB into `path` in a thread, never synced: another upload being written."""
+
+    def write() -> None:
+        block = os.urandom(1 << 20)
+        with path.open("wb") as f:
+            for _ in range(mib):
+                f.write(block)
+
+    thread = threading.Thread(target=write, name="dirty-writer", daemon=True)
+    thread.start()
+    return thread
 
 
 def _rounds(
@@ -168,8 +187,12 @@ def _rounds(
         for who in contenders:
             work = ctx.fresh(f"{scenario}-{who}-{r}")
             staging = work / "staging"
-            names, sources = _stage(staging, n, 1024, hashes=who == "filedock")
+            busy = ctx.dirty_mb > 0
+            names, sources = _stage(staging, n, 1024, hashes=who == "filedock", sync=not busy)
+            writer = _dirty_writer(work / "other-upload.bin", ctx.dirty_mb) if busy else None
             res = measure(who, work, staging, names, sources, r)
+            if writer is not None:
+                writer.join()
             res["loadavg_1m"] = os.getloadavg()[0]
             runs[who].append(res)
             ctx.log(f"  {scenario} run {r + 1}/{ctx.runs} {who}: {describe(res)}")
@@ -188,7 +211,7 @@ def burst(ctx: Ctx) -> dict[str, Any]:
         who: str, work: Path, staging: Path, names: list[str], sources: dict[str, str], r: int
     ) -> dict[str, Any]:
         if who in FLOORS:
-            return _burst_floor(work, staging, names, who)
+            return _burst_floor(work, staging, names, who, sync=ctx.dirty_mb == 0)
         if who == "peer":
             return _burst_peer(ctx, work, staging, names)
         return _burst_filedock(ctx, work, staging, names, sources, f"burst-{r}")
@@ -199,13 +222,16 @@ def burst(ctx: Ctx) -> dict[str, Any]:
 FLOORS = ("floor", "layout", "work")
 
 
-def _burst_floor(work: Path, staging: Path, names: list[str], kind: str) -> dict[str, Any]:
+def _burst_floor(
+    work: Path, staging: Path, names: list[str], kind: str, *, sync: bool = True
+) -> dict[str, Any]:
     """One of the plain loops: `floor` (the issue's), `layout` (filedock's folders) or
     `work` (its folders, checks and ledger)."""
     transfer = work / "transfer"
     transfer.mkdir()
     rename_all(staging, transfer, names)
-    os.sync()
+    if sync:
+        os.sync()
     args = (transfer, work / "proc", work / "archive" / "day")
     if kind == "work":
         out = run_work_floor(*args, work / "ledger.sqlite3")
