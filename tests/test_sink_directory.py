@@ -3,6 +3,7 @@ so every delivery is a copy across filesystems as in production."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from pathlib import Path
@@ -57,10 +58,12 @@ def names(folder: Path) -> list[str]:
 async def test_delivers_across_filesystems(tmp_path: Path, mount: Mount) -> None:
     root = mount()
     content = os.urandom(3 << 20)
-    item = make_item(tmp_path, content)
+    sent: list[int] = []
+    item = dataclasses.replace(make_item(tmp_path, content), progress=sent.append)
     assert os.stat(item.path).st_dev != os.stat(root).st_dev
 
     receipt = await directory_sink(root).deliver(item)
+    assert sum(sent) == len(content) and len(sent) > 1  # told as it went
 
     final = root / "a.bin"
     assert final.read_bytes() == content

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 from collections.abc import AsyncIterator
@@ -57,10 +58,13 @@ async def refused(settings: HttpSink, item: Item) -> SinkError:
 
 async def test_delivers_the_bytes_with_digests_and_keys(tmp_path: Path, receiver: Receiver) -> None:
     content = bytes(range(256)) * (12 * 1024 + 7)  # three 1 MiB chunks and a bit
+    sent: list[int] = []
     item = make_item(tmp_path, content, target="in/ä b#1.bin")
+    item = dataclasses.replace(item, progress=sent.append)
     settings = http_sink(f"{receiver.url}/in/{{name}}", headers={"X-Tenant": "acme"})
 
     receipt = await deliver(settings, item)
+    assert sent == [1 << 20] * 3 + [len(content) - (3 << 20)]  # told chunk by chunk
 
     assert receiver.stored == {"/in/ä b#1.bin": content}
     (seen,) = receiver.seen

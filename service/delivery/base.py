@@ -15,6 +15,7 @@ Every kind keeps three promises, whichever point a crash interrupts it at:
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,12 @@ class Item:
     sha256: str
     job_id: str
     sink: str
+    # Told the bytes as they are sent, for a large item's progress (`storage.progress`).
+    progress: Callable[[int], None] | None = field(default=None, compare=False, repr=False)
+
+    def sent(self, n: int) -> None:
+        if self.progress is not None:
+            self.progress(n)
 
     @property
     def idempotency_key(self) -> str:

@@ -167,6 +167,7 @@ class DirectoryDelivery(Sink):
                     h.update(chunk)
                     total += len(chunk)
                     await dst.write(chunk)
+                    item.sent(len(chunk))
                 if total != item.size or h.hexdigest() != item.sha256:
                     raise modified(item, f"{total} bytes, sha256 {h.hexdigest()}")
                 await dst.flush()

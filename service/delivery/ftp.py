@@ -28,6 +28,7 @@ import functools
 import hashlib
 import ssl
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 from urllib.parse import quote
@@ -254,7 +255,7 @@ class _Attempt:
         except OSError as e:
             raise unreadable(item, e) from None
         with f:
-            source = _Reading(f, item.size)
+            source = _Reading(f, item.size, item.sent)
             blocks = 0
 
             def sent(_block: bytes) -> None:
@@ -345,8 +346,8 @@ class _Reading:
     size (a file still growing is not sent on and on), a read error kept for after
     the transfer, so the session ends the STOR cleanly and can delete the temp."""
 
-    def __init__(self, f: BinaryIO, size: int) -> None:
-        self._f, self._size = f, size
+    def __init__(self, f: BinaryIO, size: int, sent: Callable[[int], None]) -> None:
+        self._f, self._size, self._sent = f, size, sent
         self._h = hashlib.sha256()
         self.total = 0
         self.error: OSError | None = None
@@ -361,6 +362,7 @@ class _Reading:
             return b""
         self._h.update(chunk)
         self.total += len(chunk)
+        self._sent(len(chunk))
         return chunk
 
     def digest(self) -> str:

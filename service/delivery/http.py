@@ -196,6 +196,7 @@ async def _body(item: Item) -> AsyncGenerator[bytes, None]:
                 if not following and (total != item.size or h.hexdigest() != item.sha256):
                     raise _Modified(total, h.hexdigest())
                 yield chunk
+                item.sent(len(chunk))
                 chunk = following
         if total != item.size or h.hexdigest() != item.sha256:  # an empty file
             raise _Modified(total, h.hexdigest())

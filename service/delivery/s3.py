@@ -252,6 +252,7 @@ class S3Delivery(Sink):
         if conditional:
             args["IfNoneMatch"] = "*"
         r = await client.put_object(**args)
+        item.sent(item.size)
         return {
             "etag": r.get("ETag", "").strip('"'),
             "version_id": r.get("VersionId"),

@@ -89,6 +89,7 @@ class Multipart:
                 part = hashlib.sha256() if self.checksum else None
                 await anyio.to_thread.run_sync(hash_into, body, whole, part)
                 parts.append(await self.send_part(upload_id, len(parts) + 1, body, part))
+                item.sent(body.getbuffer().nbytes)
                 crash_point("mid_delivery")  # parts uploaded, the object not yet whole
                 del body  # before the next part is read: one part in memory, not two
             if await f.read(1):

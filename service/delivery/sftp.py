@@ -201,6 +201,7 @@ class SftpDelivery(Sink):
                     h.update(chunk)
                     await dst.write(chunk, total)
                     total += len(chunk)
+                    item.sent(len(chunk))
                     if total == len(chunk):  # the temp is begun, not published
                         crash_point("mid_delivery")
                 if total != item.size or h.hexdigest() != item.sha256:

@@ -88,14 +88,14 @@ class OnwardMetrics:
         # -- long work in progress --------------------------------------------------
         self.progress_done = Gauge(
             p + "work_in_progress_bytes",
-            "Bytes done of the large jobs this process is archiving now (those of at least"
-            " 64 MiB), by route and stage.",
+            "Bytes done of the large jobs (64 MiB or more) this process is archiving or"
+            " delivering now, by route and stage (archive, deliver:<sink>).",
             ["route", "stage"],
             registry=r,
         )
         self.progress_total = Gauge(
             p + "work_in_progress_total_bytes",
-            "Bytes in all of the large jobs this process is archiving now, by route and stage.",
+            "Bytes in all of the large jobs this process is archiving or delivering now.",
             ["route", "stage"],
             registry=r,
         )

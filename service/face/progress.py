@@ -1,5 +1,6 @@
 """Long work told while it runs: a log line every `every_s` for each job of this
-process whose archive has run that long, and the bytes done and to do as metrics.
+process whose archive or delivery has run that long, and the bytes done and to do as
+metrics.
 
 The work itself writes its progress into files (`storage/progress.py`), because the
 archive runs in a worker process; this reads them back in the service.

@@ -14,6 +14,7 @@ in between delivers again, and the sink then finds our bytes there already
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -36,6 +37,7 @@ from service.pipeline.set_aside import SetAsideStage
 from service.pipeline.streams import put, shielded
 from service.pipeline.transitions import Transitions
 from service.settings import Route, Settings
+from service.storage.progress import LONG_BYTES, Progress, progress_dir
 
 __all__ = ["Delivery"]
 
@@ -65,6 +67,7 @@ class Delivery:
         self._fs_threads = fs_threads
         self.proc = settings.folder("proc")
         self.archive_root = settings.folder("archive")
+        self.progress = progress_dir(settings.folder("state"))
         self.routes = {r.name: r for r in settings.routes}
         self.sinks: dict[tuple[str, str], SinkRuntime] = {}
         for route in settings.routes:
@@ -257,6 +260,11 @@ class Delivery:
             raise SinkError("io_error", f"cannot read the job's files: {e}", retryable=True) from e
         receipts = []
         for item in items:
+            report = None
+            if item.size >= LONG_BYTES:
+                stage = f"deliver:{rt.name}"
+                report = Progress(self.progress, job.id, rt.route, stage, item.size)
+                item = dataclasses.replace(item, progress=report.add)
             try:
                 with anyio.fail_after(rt.settings.timeout_s):
                     receipts.append(await rt.sink.deliver(item))
@@ -268,6 +276,9 @@ class Delivery:
             except Exception as e:  # a bug of the sink: logged whole, retried
                 log.exception("sink raised", extra=job_fields(job.id, route=rt.route, sink=rt.name))
                 raise SinkError("sink_error", repr(e)[:500], retryable=True) from e
+            finally:
+                if report is not None:
+                    report.close()
         return receipts
 
     async def _failed(
