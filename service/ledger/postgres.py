@@ -32,6 +32,7 @@ from service.ledger.base import (
 )
 from service.ledger.postgres_arrivals import WINDOWS_SCHEMA, PostgresArrivals
 from service.ledger.postgres_outbox import OUTBOX_SCHEMA, PostgresOutbox, insert_events
+from service.ledger.postgres_pages import PAGES_SCHEMA, PostgresPages
 
 __all__ = ["PostgresLedger"]
 
@@ -88,12 +89,14 @@ _SCHEMA: Final[tuple[str, ...]] = (
     *_DELIVERIES,
     *OUTBOX_SCHEMA,
     *WINDOWS_SCHEMA,
+    *PAGES_SCHEMA,
 )
 # Steps from version n to n + 1, applied in order under the migration lock.
 _MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
     1: _DELIVERIES,
     2: OUTBOX_SCHEMA,
     3: WINDOWS_SCHEMA,
+    4: PAGES_SCHEMA,
 }
 
 # A lock key is the 64-bit hash of "<schema>:<name>", computed by the server.
@@ -126,7 +129,7 @@ async def _durable_commits(conn: psycopg.AsyncConnection[Any]) -> None:
         await conn.execute("SET synchronous_commit TO on")
 
 
-class PostgresLedger(PostgresOutbox, PostgresArrivals):
+class PostgresLedger(PostgresOutbox, PostgresArrivals, PostgresPages):
     """The ledger in a PostgreSQL database, for one or several replicas.
 
     Args:

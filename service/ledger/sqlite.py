@@ -29,6 +29,7 @@ from service.ledger.base import (
 )
 from service.ledger.sqlite_arrivals import SqliteArrivals
 from service.ledger.sqlite_outbox import SqliteOutbox, insert_events
+from service.ledger.sqlite_pages import SqlitePages
 from service.ledger.sqlite_writer import WriterThread
 
 __all__ = ["SqliteLedger"]
@@ -75,7 +76,7 @@ def _encode(column: str, value: Any) -> Any:
     return encode_history(value) if column == "history" else value
 
 
-class SqliteLedger(SqliteOutbox, SqliteArrivals):
+class SqliteLedger(SqliteOutbox, SqliteArrivals, SqlitePages):
     """The ledger in one SQLite file, for a single replica on node-local storage."""
 
     def __init__(self, path: Path) -> None:
@@ -87,6 +88,7 @@ class SqliteLedger(SqliteOutbox, SqliteArrivals):
         await self._writer.open()
 
     async def close(self) -> None:
+        self._close_pages()
         await self._writer.close()
 
     # -- operations ----------------------------------------------------------------

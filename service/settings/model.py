@@ -23,7 +23,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from service.errors import ConfigError
 from service.settings.notify import ChannelSettings
 from service.settings.route import Route
-from service.settings.sections import Folders, HttpSettings, Retention, distinct
+from service.settings.sections import Folders, HttpSettings, Retention, UiSettings, distinct
 
 __all__ = ["Settings", "format_validation_error", "load_settings", "read_config_file"]
 
@@ -56,6 +56,7 @@ class Settings(BaseSettings):
     lease_s: float = Field(default=60.0, gt=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     http: HttpSettings = HttpSettings()
+    ui: UiSettings = UiSettings()
     retention: Retention = Retention()
     routes: list[Route] = Field(default_factory=list)
     notify: list[ChannelSettings] = Field(default_factory=list)
