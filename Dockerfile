@@ -20,7 +20,9 @@ COPY service ./service
 RUN --mount=type=secret,id=pip-ca \
     if [ -s /run/secrets/pip-ca ]; then export PIP_CERT=/run/secrets/pip-ca; fi \
     && /opt/venv/bin/pip install --no-cache-dir . \
-    && /opt/venv/bin/filedock --help >/dev/null
+    && /opt/venv/bin/filedock --help >/dev/null \
+    && /opt/venv/bin/python -c "from importlib.resources import files as f; ui = f('service.face.ui'); \
+assert (ui / 'templates' / 'layout.html').is_file() and (ui / 'static' / 'htmx.min.js').is_file()"
 
 FROM ${BASE}
 ARG VERSION=0

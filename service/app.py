@@ -31,6 +31,7 @@ from service.face.gauges import Gauges
 from service.face.http import Health, build_http_app, serve_http
 from service.face.metrics import Metrics
 from service.face.progress import ProgressReporter
+from service.face.ui import OperatorPage
 from service.ledger import JobRecord, Ledger, ledger_for_url
 from service.ledger.base import ReplicaRecord
 from service.notify.dispatcher import Dispatcher
@@ -72,6 +73,7 @@ class App:
         self.http_port: int | None = None
         self.ready = anyio.Event()
         self._lock_fd: int | None = None
+        self._operator_page: OperatorPage | None = None
 
     # -- signals (plain callables: tests call them directly) ---------------------------
 
@@ -168,7 +170,10 @@ class App:
         )
         dispatcher = Dispatcher(s, ledger, m, pipeline.transitions.outbox, owner=replica.instance)
         recovery = Recovery(s, ledger, m, router, replica, sole=self._lock_fd is not None)
-        # The sinks' and channels' clients: a missing credential stops the start.
+        # The operator page's token file, the sinks' and channels' clients: a missing
+        # credential stops the start.
+        if s.http.enabled and s.ui.enabled and not self.once:
+            self._operator_page = OperatorPage(s, ledger, m)
         await pipeline.open()
         try:
             await dispatcher.open()
@@ -214,9 +219,11 @@ class App:
             if not self.once:
                 tg.start_soon(self._watch_signals)
             if s.http.enabled and not self.once:
-                self.http_port = await tg.start(
-                    serve_http, build_http_app(health), s.http.host, s.http.port
-                )
+                ui = self._operator_page
+                if ui is not None:
+                    tg.start_soon(ui.snapshot.run, name="operator page")
+                app = build_http_app(health, ui.app if ui else None)
+                self.http_port = await tg.start(serve_http, app, s.http.host, s.http.port)
                 log.info("serving HTTP", extra={"host": s.http.host, "port": self.http_port})
             tg.start_soon(self._tick, health)
             tg.start_soon(pipeline.heartbeat.run, name="heartbeat")  # a long recovery beats too

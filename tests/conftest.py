@@ -19,12 +19,14 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 import yaml
+
+from service.ledger import Ledger, ledger_for_url
 
 T = TypeVar("T")
 
@@ -107,6 +109,31 @@ def backend_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return f"sqlite:///{tmp_path / 'state' / 'ledger.sqlite3'}"
     url: str = request.getfixturevalue("pg_url")
     return url
+
+
+OpenLedger = Callable[[], Awaitable[Ledger]]
+
+
+@pytest.fixture
+async def open_ledger(backend_url: str) -> AsyncIterator[OpenLedger]:
+    """Opens a new ledger on the test's database each call; all are closed at the end."""
+    opened: list[Ledger] = []
+
+    async def factory() -> Ledger:
+        ledger = ledger_for_url(backend_url)
+        await ledger.open()
+        opened.append(ledger)
+        return ledger
+
+    yield factory
+    for ledger in opened:
+        await ledger.close()
+
+
+@pytest.fixture
+async def ledger(open_ledger: OpenLedger) -> Ledger:
+    """A ledger on each backend (see `backend_url`)."""
+    return await open_ledger()
 
 
 # -- the real service on a tmp_path tree ------------------------------------------------

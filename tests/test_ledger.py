@@ -5,40 +5,17 @@ from __future__ import annotations
 
 import sqlite3
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
 import psycopg
 import pytest
+from conftest import OpenLedger
 
-from service.ledger import DeliveryRecord, JobRecord, Ledger, WindowRecord, ledger_for_url
+from service.ledger import DeliveryRecord, JobRecord, Ledger, WindowRecord
 from service.ledger.base import SCHEMA_VERSION, OutboxRecord
 
 NOW = 1_800_000_000.0  # 2027-01-15, a fixed "now" for every test
-
-OpenLedger = Callable[[], Awaitable[Ledger]]
-
-
-@pytest.fixture
-async def open_ledger(backend_url: str) -> AsyncIterator[OpenLedger]:
-    """Opens a new ledger on the test's database each call; all are closed at the end."""
-    opened: list[Ledger] = []
-
-    async def factory() -> Ledger:
-        ledger = ledger_for_url(backend_url)
-        await ledger.open()
-        opened.append(ledger)
-        return ledger
-
-    yield factory
-    for ledger in opened:
-        await ledger.close()
-
-
-@pytest.fixture
-async def ledger(open_ledger: OpenLedger) -> Ledger:
-    return await open_ledger()
 
 
 def job(n: int, **fields: Any) -> JobRecord:

@@ -8,26 +8,17 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
-from service.ledger import JobRecord, Ledger, ledger_for_url
+from service.ledger import JobRecord, Ledger
 from service.ledger.base import OutboxRecord, ReplicaRecord
 from service.upkeep.replicas import Host, ended, process_start, register, take_orphans
 
 NOW = 1_800_000_000.0
 LEASE_S = 30.0
 HERE = Host("node-1", "boot-1", "pid:[4026531836]")
-
-
-@pytest.fixture
-async def ledger(backend_url: str) -> AsyncIterator[Ledger]:
-    ledger = ledger_for_url(backend_url)
-    await ledger.open()
-    yield ledger
-    await ledger.close()
 
 
 def job(n: int, owner: str | None, **fields: Any) -> JobRecord:

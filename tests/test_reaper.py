@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,7 +23,7 @@ from pydantic import ValidationError
 
 from service.errors import ConfigError
 from service.face.metrics import Metrics
-from service.ledger import JobRecord, Ledger, ledger_for_url
+from service.ledger import JobRecord, Ledger
 from service.settings import Retention, Settings
 from service.upkeep.reaper import REAPER_LOCK, Reaper, ReapReport, job_id_time
 
@@ -32,14 +32,6 @@ DAY = 86400.0
 
 
 # -- fixtures: the same two backends as tests/test_ledger.py ----------------------------
-
-
-@pytest.fixture
-async def ledger(backend_url: str) -> AsyncIterator[Ledger]:
-    ledger = ledger_for_url(backend_url)
-    await ledger.open()
-    yield ledger
-    await ledger.close()
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""The read-only HTTP surface on one port: /metrics, /healthz, /readyz, /jobs.
+"""The HTTP surface on one port: /metrics, /healthz, /readyz, /jobs, and the operator
+page under `/` (service/face/ui/).
 
 Served by uvicorn inside the app's task group; the app, not uvicorn, owns the
 process's signals.
@@ -19,7 +20,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.types import ASGIApp
 
 from service.face.metrics import Metrics
 from service.ledger import STATES, Ledger
@@ -79,7 +81,9 @@ class Health:
         return ok, reasons
 
 
-def build_http_app(health: Health) -> Starlette:
+def build_http_app(health: Health, ui: ASGIApp | None = None) -> Starlette:
+    """The probes and /jobs, then (when given) the operator page for every other path."""
+
     async def metrics(_: Request) -> Response:
         data = await anyio.to_thread.run_sync(generate_latest, health.metrics.registry)
         return Response(data, media_type=CONTENT_TYPE_LATEST)
@@ -107,12 +111,14 @@ def build_http_app(health: Health) -> Starlette:
         )
         return JSONResponse([r.to_json() for r in records])
 
-    routes = [
+    routes: list[BaseRoute] = [
         Route("/metrics", metrics),
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/jobs", jobs),
     ]
+    if ui is not None:
+        routes.append(Mount("", app=ui))
     return Starlette(routes=routes)
 
 

@@ -10,7 +10,7 @@ import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
 
 from service.ledger.records import (
     DELIVERY_COLUMNS,
@@ -26,6 +26,9 @@ from service.ledger.records import (
     WindowRecord,
 )
 from service.storage.names import display_name, name_b64, rfc3339
+
+if TYPE_CHECKING:
+    from service.ledger.pages import FailureGroup, JobDetail, JobsPage, JobsQuery, LedgerOverview
 
 __all__ = [
     "COLUMNS",
@@ -61,7 +64,9 @@ STATES: Final[tuple[State, ...]] = (
 )
 FINAL_STATES: Final = frozenset({"done", "failed"})
 UNFINISHED: Final = ("claimed", "importing", "waiting", "delivering", "archiving")
-SCHEMA_VERSION: Final = 5  # 2: deliveries; 3: the outbox; 4: arrival windows; 5: the replicas
+SCHEMA_VERSION: Final = (
+    6  # 2: deliveries; 3: outbox; 4: arrival windows; 5: replicas; 6: page indexes
+)
 
 
 @dataclass
@@ -327,3 +332,19 @@ class Ledger(Protocol):
 
     async def older_than(self, states: Sequence[str], before: float, limit: int) -> list[JobRecord]:
         """Final jobs last updated before `before` (for the reaper), oldest first."""
+
+    # -- the operator page (service/ledger/pages.py) -----------------------------------
+
+    async def page_overview(self, since: float) -> LedgerOverview:
+        """Jobs per state, each route's jobs created after `since`, the open deliveries
+        and the pending events, read together."""
+
+    async def page_jobs(self, query: JobsQuery) -> JobsPage:
+        """A page of jobs, newest first, after `query.before` (keyset)."""
+
+    async def page_job(self, job_id: str) -> JobDetail:
+        """A job (None: no such job) and its sinks, read together."""
+
+    async def page_failures(self, per_group: int) -> list[FailureGroup]:
+        """Failed jobs by route and error class, the largest group first, each with
+        its newest `per_group` jobs."""

@@ -31,6 +31,7 @@ from service.ledger.base import (
 )
 from service.ledger.postgres_arrivals import PostgresArrivals
 from service.ledger.postgres_outbox import PostgresOutbox, insert_events
+from service.ledger.postgres_pages import PostgresPages
 from service.ledger.postgres_reads import PostgresReads, job_record
 from service.ledger.postgres_replicas import PostgresReplicas
 from service.ledger.postgres_schema import LOCK_KEY, migrate
@@ -52,7 +53,9 @@ async def _durable_commits(conn: psycopg.AsyncConnection[Any]) -> None:
         await conn.execute("SET synchronous_commit TO on")
 
 
-class PostgresLedger(PostgresOutbox, PostgresArrivals, PostgresReplicas, PostgresReads):
+class PostgresLedger(
+    PostgresOutbox, PostgresArrivals, PostgresReplicas, PostgresReads, PostgresPages
+):
     """The ledger in a PostgreSQL database, for one or several replicas.
 
     Args:

@@ -10,6 +10,7 @@ import psycopg
 from service.ledger.base import SCHEMA_VERSION
 from service.ledger.postgres_arrivals import WINDOWS_SCHEMA
 from service.ledger.postgres_outbox import OUTBOX_SCHEMA
+from service.ledger.postgres_pages import PAGES_SCHEMA
 from service.ledger.postgres_replicas import REPLICAS_SCHEMA
 
 __all__ = ["LOCK_KEY", "MIGRATIONS", "SCHEMA", "migrate"]
@@ -67,6 +68,7 @@ SCHEMA: Final[tuple[str, ...]] = (
     *OUTBOX_SCHEMA,
     *WINDOWS_SCHEMA,
     *REPLICAS_SCHEMA,
+    *PAGES_SCHEMA,
 )
 # Steps from version n to n + 1, applied in order under the migration lock.
 MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
@@ -74,6 +76,7 @@ MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
     2: OUTBOX_SCHEMA,
     3: WINDOWS_SCHEMA,
     4: REPLICAS_SCHEMA,
+    5: PAGES_SCHEMA,
 }
 
 # A lock key is the 64-bit hash of "<schema>:<name>", computed by the server.

@@ -29,6 +29,7 @@ from service.ledger.base import (
 )
 from service.ledger.sqlite_arrivals import SqliteArrivals
 from service.ledger.sqlite_outbox import SqliteOutbox, insert_events
+from service.ledger.sqlite_pages import SqlitePages
 from service.ledger.sqlite_replicas import SqliteReplicas
 from service.ledger.sqlite_writer import WriterThread
 
@@ -76,7 +77,7 @@ def _encode(column: str, value: Any) -> Any:
     return encode_history(value) if column == "history" else value
 
 
-class SqliteLedger(SqliteOutbox, SqliteArrivals, SqliteReplicas):
+class SqliteLedger(SqliteOutbox, SqliteArrivals, SqliteReplicas, SqlitePages):
     """The ledger in one SQLite file, for a single replica on node-local storage."""
 
     def __init__(self, path: Path) -> None:
@@ -88,6 +89,7 @@ class SqliteLedger(SqliteOutbox, SqliteArrivals, SqliteReplicas):
         await self._writer.open()
 
     async def close(self) -> None:
+        self._close_pages()
         await self._writer.close()
 
     # -- operations ----------------------------------------------------------------

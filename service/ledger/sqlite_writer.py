@@ -104,6 +104,9 @@ CREATE TABLE IF NOT EXISTS arrival_windows (
     PRIMARY KEY (route, expectation, deadline)
 );
 CREATE INDEX IF NOT EXISTS jobs_route_detected ON jobs (route, detected_at);
+CREATE INDEX IF NOT EXISTS jobs_state_id ON jobs (state, id);
+CREATE INDEX IF NOT EXISTS jobs_route_id ON jobs (route, id, state);
+CREATE INDEX IF NOT EXISTS jobs_failed ON jobs (route, error_class, id) WHERE state = 'failed';
 
 CREATE TABLE IF NOT EXISTS replicas (
     instance TEXT PRIMARY KEY,

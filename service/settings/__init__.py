@@ -16,6 +16,7 @@ from service.settings.sections import (
     HttpSettings,
     PythonImporterSettings,
     Retention,
+    UiSettings,
 )
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "Retention",
     "Route",
     "Settings",
+    "UiSettings",
     "format_validation_error",
     "load_settings",
     "read_config_file",

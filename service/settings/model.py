@@ -28,6 +28,7 @@ from service.settings.sections import (
     Folders,
     HttpSettings,
     Retention,
+    UiSettings,
     distinct,
 )
 
@@ -62,6 +63,7 @@ class Settings(BaseSettings):
     lease_s: float = Field(default=60.0, gt=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     http: HttpSettings = HttpSettings()
+    ui: UiSettings = UiSettings()
     retention: Retention = Retention()
     archive: ArchiveSettings = ArchiveSettings()
     # How a batch of claims or archives is made durable: one syncfs() of the filesystem,

@@ -1,4 +1,5 @@
-"""The configuration's plain sections: folders, HTTP, retention, and each importer's."""
+"""The configuration's plain sections: folders, HTTP, the operator page, retention, and
+each importer's."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import codecs
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Protocol, TypeVar
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -21,6 +23,7 @@ __all__ = [
     "PythonImporterSettings",
     "Retention",
     "Section",
+    "UiSettings",
     "distinct",
 ]
 
@@ -90,6 +93,32 @@ class ArchiveSettings(Compression):
     threads that compress a large file (0: one per CPU this process may use)."""
 
     threads: int = Field(default=0, ge=0, le=256)
+
+
+class UiSettings(Section):
+    """The operator page on the HTTP port (`/`).
+
+    `token_file` names the file of `name:token` lines that may act (retry); without
+    one the page is read-only. `allowed_origins` are origins besides the page's own
+    that may post its forms (a proxy that rewrites the Host header).
+    """
+
+    enabled: bool = True
+    token_file: Path | None = None
+    allowed_origins: list[str] = Field(default_factory=list)
+    session_hours: float = Field(default=12.0, gt=0, le=168)
+    refresh_s: float = Field(default=5.0, ge=1, le=3600)
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins(cls, origins: list[str]) -> list[str]:
+        for origin in origins:
+            parts = urlsplit(origin)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                raise ValueError(f"{origin!r} is not an origin (scheme://host[:port])")
+            if parts.path not in ("", "/") or parts.query or parts.fragment:
+                raise ValueError(f"{origin!r}: an origin has no path, query or fragment")
+        return [o.rstrip("/").lower() for o in origins]
 
 
 class Retention(Section):
