@@ -46,7 +46,8 @@ from service.storage.fsutil import (
 from service.storage.progress import progress_dir
 from service.upkeep.reaper import Reaper
 from service.upkeep.recovery import Recovery
-from service.upkeep.replicas import mark_stopped, register
+from service.upkeep.replicas import mark_stopped
+from service.upkeep.startup import LedgerWait
 
 __all__ = ["App"]
 
@@ -114,15 +115,49 @@ class App:
             self._lock_fd = _lock_single_replica(db)
 
     async def run(self) -> int:
+        """Signals, HTTP and the loop's tick first: while the ledger keeps the start
+        waiting, the process answers `/healthz` and says on `/readyz` why it is not
+        ready, and a signal stops it."""
         s = self.settings
         _limit_malloc_arenas()
         await anyio.to_thread.run_sync(self._prepare_folders)
         ledger = ledger_for_url(s.effective_ledger_url)
-        await ledger.open()
-        try:
-            replica = await register(ledger, s.replica_id, s.lease_s)
+        folders: dict[str, os.PathLike[str]] = {n: s.folder(n) for n in (*FOLDERS, "state")}
+        health = Health(ledger, self.metrics, folders, s.min_free_bytes)
+        # The operator page's token file is read now: a bad one stops the start.
+        if s.http.enabled and s.ui.enabled and not self.once:
+            self._operator_page = OperatorPage(s, ledger, self.metrics)
+        ui = self._operator_page
+        code, error = 0, None
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            if not self.once:
+                tg.start_soon(self._watch_signals)
+            if s.http.enabled and not self.once:
+                app = build_http_app(health, ui.app if ui else None)
+                self.http_port = await tg.start(serve_http, app, s.http.host, s.http.port)
+                log.info("serving HTTP", extra={"host": s.http.host, "port": self.http_port})
+            tg.start_soon(self._tick, health)
             try:
-                return await self._run(ledger, replica)
+                code = await self._with_ledger(ledger, health)
+            except Exception as e:  # raised as itself below, not inside an ExceptionGroup
+                error = e
+            tg.cancel_scope.cancel()
+        if error is not None:
+            raise error
+        return code
+
+    async def _with_ledger(self, ledger: Ledger, health: Health) -> int:
+        s = self.settings
+        wait = LedgerWait(
+            ledger, self.metrics, self.shutdown, once=self.once, shown_url=_redact(ledger.url)
+        )
+        try:
+            replica = await wait.register(s.replica_id, s.lease_s)
+            if replica is None:  # asked to stop while waiting for the ledger
+                return 0
+            try:
+                return await self._run(ledger, replica, health, wait)
             finally:
                 with anyio.CancelScope(shield=True):
                     await mark_stopped(ledger, replica)
@@ -130,7 +165,9 @@ class App:
             with anyio.CancelScope(shield=True):
                 await ledger.close()
 
-    async def _run(self, ledger: Ledger, replica: ReplicaRecord) -> int:
+    async def _run(
+        self, ledger: Ledger, replica: ReplicaRecord, health: Health, wait: LedgerWait
+    ) -> int:
         s, m = self.settings, self.metrics
         router = Router(list(s.routes))
         transfer_fs = filesystem_type(s.folder("transfer"))
@@ -147,15 +184,9 @@ class App:
             network_fs=is_network_filesystem(transfer_fs),
         )
         pipeline = Pipeline(s, ledger, m, intake, readiness, replica)
-        health = Health(
-            ledger,
-            m,
-            {name: s.folder(name) for name in (*FOLDERS, "state")},
-            s.min_free_bytes,
-            discovery_alive=lambda: not discovery_done.is_set(),
-            heartbeat=pipeline.heartbeat.problem,
-        )
         discovery_done = anyio.Event()
+        health.discovery_alive = lambda: not discovery_done.is_set()
+        health.heartbeat = pipeline.heartbeat.problem
         started = time.monotonic()
         log.info(
             "filedock starting",
@@ -169,17 +200,22 @@ class App:
             },
         )
         dispatcher = Dispatcher(s, ledger, m, pipeline.transitions.outbox, owner=replica.instance)
-        recovery = Recovery(s, ledger, m, router, replica, sole=self._lock_fd is not None)
-        # The operator page's token file, the sinks' and channels' clients: a missing
-        # credential stops the start.
-        if s.http.enabled and s.ui.enabled and not self.once:
-            self._operator_page = OperatorPage(s, ledger, m)
+        recovery = Recovery(
+            s,
+            ledger,
+            m,
+            router,
+            replica,
+            sole=self._lock_fd is not None,
+            steady=pipeline.heartbeat.steady,
+        )
+        # The sinks' and channels' clients: a missing credential stops the start.
         await pipeline.open()
         try:
             await dispatcher.open()
             try:
                 await self._serve(
-                    pipeline, dispatcher, discovery, ledger, health, recovery, discovery_done
+                    pipeline, dispatcher, discovery, ledger, health, recovery, wait, discovery_done
                 )
             finally:
                 await dispatcher.aclose()
@@ -211,23 +247,16 @@ class App:
         ledger: Ledger,
         health: Health,
         recovery: Recovery,
+        wait: LedgerWait,
         discovery_done: anyio.Event,
     ) -> None:
         s = self.settings
         async with anyio.create_task_group() as tg:
-            self._tg = tg
-            if not self.once:
-                tg.start_soon(self._watch_signals)
-            if s.http.enabled and not self.once:
-                ui = self._operator_page
-                if ui is not None:
-                    tg.start_soon(ui.snapshot.run, name="operator page")
-                app = build_http_app(health, ui.app if ui else None)
-                self.http_port = await tg.start(serve_http, app, s.http.host, s.http.port)
-                log.info("serving HTTP", extra={"host": s.http.host, "port": self.http_port})
-            tg.start_soon(self._tick, health)
+            outer, self._tg = self._tg, tg  # a second signal ends this group: the stop is logged
+            if self._operator_page is not None:
+                tg.start_soon(self._operator_page.snapshot.run, name="operator page")
             tg.start_soon(pipeline.heartbeat.run, name="heartbeat")  # a long recovery beats too
-            report = await recovery.run()
+            report = await wait.recover(recovery)
             health.recovery_done = True
             for name, task in pipeline.tasks():
                 tg.start_soon(task, name=name)
@@ -261,6 +290,7 @@ class App:
                 discovery.stop.set()
                 await self._graceful_stop(pipeline)
             tg.cancel_scope.cancel()
+        self._tg = outer
 
     async def _discover(self, discovery: Discovery, done: anyio.Event) -> None:
         try:

@@ -13,6 +13,7 @@ __all__ = [
     "ConfigError",
     "ErrorClass",
     "JobError",
+    "LedgerUnavailable",
     "Reject",
     "Retry",
     "StartupError",
@@ -47,6 +48,11 @@ class ConfigError(Exception):
 
 class StartupError(Exception):
     """The service cannot start safely (e.g. `transfer/` and `proc/` on two filesystems)."""
+
+
+class LedgerUnavailable(Exception):
+    """The ledger cannot be opened now (the server is away or refuses connections, the
+    file is locked or read-only): trying again later may succeed."""
 
 
 class _Failure(Exception):

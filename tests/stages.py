@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -50,6 +51,38 @@ async def two_outputs(job: ImportJob) -> None:
     (job.out_dir / "parts").mkdir(parents=True)
     (job.out_dir / "upper.txt").write_bytes(data.upper())
     (job.out_dir / "parts" / "len.txt").write_bytes(str(len(data)).encode())
+
+
+class Flaky:
+    """A ledger whose named operations fail their next calls, as a ledger gone away does;
+    with `after`, each is done first and its answer lost (as with a connection cut
+    after the commit). Every other attribute is the real ledger's."""
+
+    def __init__(self, ledger: SqliteLedger) -> None:
+        self._ledger = ledger
+        self._failing: dict[str, tuple[int, bool]] = {}
+
+    def fail(self, name: str, times: int = 1, *, after: bool = False) -> Flaky:
+        self._failing[name] = (times, after)
+        return self
+
+    def __getattr__(self, name: str) -> Any:
+        real = getattr(self._ledger, name)
+        if name not in self._failing:
+            return real
+
+        async def flaky(*args: Any, **kwargs: Any) -> Any:
+            times, after = self._failing[name]
+            if times <= 0:
+                return await real(*args, **kwargs)
+            self._failing[name] = (times - 1, after)
+            if after:
+                await real(*args, **kwargs)
+            error = sqlite3.OperationalError("disk I/O error")
+            self._ledger.reach.failed(error)
+            raise error
+
+        return flaky
 
 
 @dataclass

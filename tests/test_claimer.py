@@ -7,7 +7,7 @@ import hashlib
 from pathlib import Path
 
 import anyio
-from stages import rig
+from stages import Flaky, rig
 
 from service.pipeline.job import Job
 
@@ -63,3 +63,35 @@ async def test_a_file_gone_or_still_written_leaves_no_row(tmp_path: Path) -> Non
             "filedock_claims_put_off_total", {"route": "main"}
         )
         assert put_off == 1
+
+
+async def test_an_insert_whose_answer_was_lost_leaves_one_row_per_file(tmp_path: Path) -> None:
+    """The insert commits, its answer is lost: the files stay in transfer/, and their
+    rows go before the next insert claims them under new ids."""
+    async with rig(tmp_path) as r:
+        flaky = Flaky(r.ledger).fail("insert", after=True)
+        r.pipeline.transitions.ledger = flaky  # type: ignore[assignment]
+        names = [f"f{i}.csv" for i in range(3)]
+        for name in names:
+            r.drop(name, name.encode())
+        lane = r.pipeline.lanes.get("main")
+        assert lane is not None
+        jobs: list[Job] = []
+        for name in names:  # one batch
+            await r.intake.offer("main", name.encode())
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(r.pipeline.claimer.run, lane)
+            with anyio.fail_after(10):
+                while r.metrics.ledger_errors._value.get() < 1 or r.intake.pending():
+                    await anyio.sleep(0.01)
+            assert sorted(p.name for p in r.folder("transfer").iterdir()) == names
+            assert await r.ledger.counts() == {"claimed": 3}  # committed, answer lost
+            for name in names:  # as the next scan does
+                await r.intake.offer("main", name.encode())
+            with anyio.fail_after(10):
+                while len(jobs) < len(names):
+                    jobs.append(await lane.receive.receive())
+            tg.cancel_scope.cancel()
+        rows = await r.ledger.query(limit=None)
+        assert sorted(row.id for row in rows) == sorted(job.id for job in jobs)
+        assert sorted(bytes(row.relative_path) for row in rows) == [n.encode() for n in names]

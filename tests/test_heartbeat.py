@@ -77,3 +77,46 @@ async def test_readyz_says_why_the_heartbeat_is_not_written(tmp_path: Path) -> N
         assert metrics.ledger_errors._value.get() == 1
     finally:
         await ledger.close()
+
+
+async def test_steady_only_after_lease_s_of_beats_written_in_time(tmp_path: Path) -> None:
+    """Whether this process may judge the others by their silence: not for `lease_s`
+    after its start, nor after a beat that failed or came late."""
+    ledger = SqliteLedger(tmp_path / "ledger.sqlite3")
+    await ledger.open()
+    try:
+        me = this_instance("pod-a", now=NOW)
+        assert await ledger.register_replica(me)
+        settings = Settings(root=tmp_path, lease_s=30)
+        beat = Heartbeat(settings, ledger, Metrics(CollectorRegistry()), me)
+        for t in range(10, 31, 10):
+            await beat.beat(NOW + t)
+        assert not beat.steady(NOW + 29) and beat.steady(NOW + 30)
+        away = Heartbeat(settings, Unwritable(ledger), beat.metrics, me)  # type: ignore[arg-type]
+        away.steady_since, away.written_at = beat.steady_since, beat.written_at
+        await away.beat(NOW + 40)
+        assert not away.steady(NOW + 40)
+        beat.steady_since, beat.written_at = None, NOW + 30
+        await beat.beat(NOW + 50)  # the ledger answers again
+        assert not beat.steady(NOW + 79) and beat.steady(NOW + 81)
+        await beat.beat(NOW + 80)  # 30 s after the last one: more than 1.5 beats apart
+        assert not beat.steady(NOW + 100) and beat.steady(NOW + 111)
+    finally:
+        await ledger.close()
+
+
+async def test_readyz_names_the_ledger_and_how_long_it_has_failed(tmp_path: Path) -> None:
+    ledger = SqliteLedger(tmp_path / "ledger.sqlite3")
+    await ledger.open()
+    metrics = Metrics(CollectorRegistry())
+    health = Health(ledger, metrics, {"state": tmp_path}, 0, recovery_done=True)
+    try:
+        ledger.reach.failed(OSError("database is locked"))
+        ledger.reach.down_since = (ledger.reach.down_since or 0) - 12
+        await ledger.close()  # the ping cannot be answered
+        ok, reasons = await health.ready()
+        assert not ok
+        assert reasons == {"ledger": "not writable since 12 s: OSError: database is locked"}
+        assert metrics.ledger_errors._value.get() == 1  # the ping counts
+    finally:
+        await ledger.close()

@@ -12,6 +12,7 @@ import psycopg
 import pytest
 from conftest import OpenLedger
 
+from service.errors import LedgerUnavailable
 from service.ledger import DeliveryRecord, JobRecord, Ledger, WindowRecord
 from service.ledger.base import SCHEMA_VERSION, OutboxRecord
 
@@ -539,8 +540,10 @@ async def test_postgres_open_names_the_reason_it_cannot_connect(postgres_url: st
     info = conninfo_to_dict(postgres_url)
     info["dbname"] = "filedock_no_such_database"
     ledger = PostgresLedger(make_conninfo("", **info), connect_timeout_s=2)
-    with anyio.fail_after(30), pytest.raises(psycopg.OperationalError, match="no_such_database"):
+    with anyio.fail_after(30), pytest.raises(LedgerUnavailable, match="no_such_database") as e:
         await ledger.open()
+    assert isinstance(e.value.__cause__, psycopg.OperationalError)  # the server's own words
+    assert ledger.reach.problem() is not None  # what /readyz says while the service waits
     await ledger.close()
 
 

@@ -231,6 +231,28 @@ async def test_an_instance_silent_for_lease_s_has_ended(ledger: Ledger) -> None:
     assert await taken(ledger, me) == [silent.instance, silent.instance]
 
 
+async def test_silence_is_no_proof_until_this_process_has_beaten_steadily(ledger: Ledger) -> None:
+    """After an outage of the ledger every replica looks silent: without `by_age` neither
+    an old heartbeat nor an expired lease frees a job; a stopped instance's still do."""
+    silent = instance("silent", host="node-2", heartbeat_at=NOW - LEASE_S - 1)
+    stopped = instance("stopped", host="node-2", stopped_at=NOW - 5)
+    await setup(ledger, silent, stopped)
+    await ledger.insert([job(7, "pod-b/lapsed", lease_expires_at=NOW - 1)])
+    me = instance("me", host="node-3")
+    got = await take_orphans(ledger, me, LEASE_S, NOW, host=HERE, by_age=False)
+    assert [j.id for j in got] == [job(1, None).id]  # the stopped instance's job alone
+    later = await take_orphans(ledger, me, LEASE_S, NOW, host=HERE)
+    assert sorted(j.id for j in later) == [job(0, None).id, job(7, None).id]
+
+
+async def test_mine_takes_back_what_an_interrupted_recovery_took(ledger: Ledger) -> None:
+    me = instance("me")
+    await setup(ledger, me)  # job 0 is mine, with a live lease
+    assert await take_orphans(ledger, me, LEASE_S, NOW, host=HERE) == []
+    (got,) = await take_orphans(ledger, me, LEASE_S, NOW, host=HERE, mine=True)
+    assert (got.id, got.owner) == (job(0, None).id, me.instance)
+
+
 async def test_the_sole_process_of_a_ledger_takes_every_job(ledger: Ledger) -> None:
     await setup(ledger, instance("alive", host="node-2"))
     await ledger.insert([job(8, "pod-a"), job(9, None)])  # an owner with no row, none

@@ -121,3 +121,69 @@ def test_a_failed_folder_without_a_row_gets_one(tree: FiledockTree) -> None:
     row = tree.rows()[0]
     assert (row["id"], row["state"], row["error_class"]) == (job_id, "failed", "rejected")
     assert (folder / "bad.csv").exists()
+
+
+async def test_a_take_over_the_ledger_interrupted_hands_back_every_job_it_took(
+    tmp_path: Path,
+) -> None:
+    """Jobs taken over are this process's once taken: a take-over that fails half-way
+    (the ledger away) gives them all back at the next one, none stranded."""
+    from prometheus_client import CollectorRegistry
+    from stages import Flaky
+
+    from service.discovery.routes import Router
+    from service.face.metrics import Metrics
+    from service.ledger.sqlite import SqliteLedger
+    from service.settings import Settings
+    from service.upkeep.recovery import Recovery
+    from service.upkeep.replicas import this_instance
+
+    route = {"name": "main", "match": "**", "importer": "none"}
+    settings = Settings(root=tmp_path, routes=[route])
+    ledger = SqliteLedger(tmp_path / "ledger.sqlite3")
+    await ledger.open()
+    try:
+        now = time.time()
+        jobs = []
+        for n in range(3):
+            job_id = f"20261207T00000000{n}Z-0000000{n}"
+            (tmp_path / "proc" / job_id).mkdir(parents=True)
+            (tmp_path / "proc" / job_id / "x.csv").write_bytes(b"x\n")
+            jobs.append(
+                JobRecord(
+                    job_id,
+                    "main",
+                    b"x.csv",
+                    b"x.csv",
+                    state="importing",
+                    history=[{"n": 1, "started_at": "", "result": "running"}],
+                    owner="gone/1",
+                    lease_expires_at=now - 1,
+                    detected_at=now,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+        await ledger.insert(jobs)
+        me = this_instance("pod-a")
+        flaky = Flaky(ledger).fail("update")  # the first job's `interrupted` is not written
+        recovery = Recovery(
+            settings,
+            flaky,
+            Metrics(CollectorRegistry()),
+            Router(list(settings.routes)),
+            me,  # type: ignore[arg-type]
+        )
+        try:
+            await recovery.take_over(set(), now=now)
+        except Exception:
+            pass
+        else:
+            raise AssertionError("the ledger was to fail")
+        resumed = await recovery.take_over(set(), now=now)
+        assert sorted(j.id for j in resumed) == [j.id for j in jobs]
+        rows = await ledger.query(limit=None)
+        assert {j.owner for j in rows} == {me.instance}
+        assert all((j.state, j.history[-1]["result"]) == ("claimed", "interrupted") for j in rows)
+    finally:
+        await ledger.close()

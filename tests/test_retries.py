@@ -4,10 +4,11 @@ calls the service makes again later itself."""
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
 
 import anyio
-from stages import rig
+from stages import Flaky, rig
 
 from service.ledger import JobRecord
 from service.pipeline.retries import Later
@@ -63,3 +64,49 @@ async def test_due_jobs_go_back_to_their_lane_and_archiving_ones_to_the_archiver
         await r.pipeline.resume(archiving)
         taken = r.pipeline.archiver._receive.receive_nowait()
         assert taken.id == archiving.id and taken.outcome == "imported"
+
+
+async def test_later_goes_on_after_a_call_raises() -> None:
+    later, calls = Later(), []
+
+    async def boom() -> None:
+        raise RuntimeError("a bug")
+
+    async def call() -> None:
+        calls.append(1)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(later.run)
+        later.call(0.01, boom)
+        later.call(0.05, call)
+        with anyio.fail_after(5):
+            while not calls:
+                await anyio.sleep(0.01)
+        tg.cancel_scope.cancel()
+
+
+async def test_the_scheduler_outlives_a_ledger_that_fails(tmp_path: Path) -> None:
+    async with rig(tmp_path) as r:
+        now = time.time()
+        job = JobRecord(
+            "20261207T000000000Z-0000000a",
+            "main",
+            b"a.csv",
+            b"a.csv",
+            state="waiting",
+            next_attempt_at=now - 1,
+            detected_at=now,
+            created_at=now,
+            updated_at=now,
+        )
+        await r.ledger.insert([job])
+        r.pipeline.retries.ledger = Flaky(r.ledger).fail("take_due", 2)  # type: ignore[assignment]
+        lane = r.pipeline.lanes.get("main")
+        assert lane is not None
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(partial(r.pipeline.retries.run, interval_s=0.01))
+            with anyio.fail_after(10):
+                taken = await lane.receive.receive()
+            tg.cancel_scope.cancel()
+        assert taken.id == job.id
+        assert r.metrics.ledger_errors._value.get() == 2

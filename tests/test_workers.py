@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 import time
+from functools import partial
 from pathlib import Path
 
 import anyio
-from stages import Rig, rig
+import pytest
+from stages import Flaky, Rig, rig
 
+from service.pipeline import retries
 from service.pipeline.job import Job
 
 
@@ -63,3 +66,30 @@ async def test_a_retry_waits_in_the_ledger(tmp_path: Path) -> None:
         assert row.next_attempt_at is not None and row.next_attempt_at > time.time() + 20
         assert (r.folder("proc") / job.id / "c.csv").exists()
         assert r.kinds(job.id) == ["importing", "retry"]
+
+
+async def test_an_attempt_the_ledger_did_not_count_is_not_charged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The `importing` write fails: nothing runs, the job is set back as it was, and its
+    first real attempt is attempt 1."""
+    monkeypatch.setattr(retries, "_DEFER_S", 0.05)
+    async with rig(tmp_path) as r:
+        await r.pipeline.writer.start()
+        job = await _claimed(r, "d.csv", b"x,y\n")
+        r.pipeline.transitions.ledger = Flaky(r.ledger).fail("update_many")  # type: ignore[assignment]
+        lane = r.pipeline.lanes.get("main")
+        assert lane is not None
+        async with anyio.create_task_group() as tg:
+            for task in (partial(r.pipeline.workers.run, lane), r.pipeline.archiver.run):
+                tg.start_soon(task)
+            tg.start_soon(r.pipeline.later.run)
+            await r.pipeline.lanes.enqueue(lane, job)
+            with anyio.fail_after(20):
+                while (await r.row(job.id)).state != "done":
+                    await anyio.sleep(0.02)
+            tg.cancel_scope.cancel()
+        row = await r.row(job.id)
+        assert row.attempts == 1
+        assert [h["n"] for h in row.history if "n" in h] == [1]
+        assert r.metrics.ledger_errors._value.get() == 1

@@ -25,11 +25,13 @@ from starlette.types import ASGIApp
 
 from service.face.metrics import Metrics
 from service.ledger import STATES, Ledger
+from service.ledger.reach import one_line
 from service.storage.fsutil import free_bytes
 
 __all__ = ["Health", "build_http_app", "serve_http"]
 
 _LOOP_STALL_S = 10.0
+_PING_S = 2.0
 
 
 @dataclass
@@ -62,10 +64,13 @@ class Health:
         if self.stopping:
             reasons["shutdown"] = "the service is stopping"
         try:
-            with anyio.fail_after(2.0):
+            with anyio.fail_after(_PING_S):
                 await self.ledger.ping()
         except Exception as e:
-            reasons["ledger"] = f"the ledger does not answer: {e!r}"[:300]
+            self.metrics.ledger_errors.inc()  # a ping is a ledger operation too
+            # What the ledger's own operations found says more than a ping's timeout.
+            said = one_line(e) if not isinstance(e, TimeoutError) else f"no answer in {_PING_S:g} s"
+            reasons["ledger"] = self.ledger.reach.problem() or said
         heartbeat = self.heartbeat()
         if heartbeat is not None:  # other replicas may take this one's jobs over
             reasons["heartbeat"] = heartbeat

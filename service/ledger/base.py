@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
 
+from service.ledger.reach import Reachability
 from service.ledger.records import (
     DELIVERY_COLUMNS,
     OUTBOX_COLUMNS,
@@ -165,9 +166,11 @@ class Ledger(Protocol):
     """
 
     url: str
+    reach: Reachability  # whether it answers, as its last operations found
 
     async def open(self) -> None:
-        """Connect and create or migrate the schema."""
+        """Connect and create or migrate the schema; `LedgerUnavailable` when it cannot
+        be reached now (trying again may succeed)."""
 
     async def close(self) -> None: ...
 
@@ -231,11 +234,16 @@ class Ledger(Protocol):
         *,
         gone: Sequence[str] = (),
         everyone: bool = False,
+        leases: bool = True,
+        mine: bool = False,
     ) -> list[JobRecord]:
         """Unfinished jobs of other owners whose lease has expired (or that have no
         owner), and every unfinished job of the instances in `gone` (known to have
         ended), now owned by `owner`; with `everyone` (no other process can be
-        running), every unfinished job of another owner. `owner`'s own are never taken.
+        running), every unfinished job of another owner. `leases` False: an expired
+        lease frees no job (this process cannot tell yet whether its owner could renew
+        it). `owner`'s own are taken only with `mine` (at start, before this process
+        holds any: those an interrupted recovery took).
 
         Several replicas may call this at once: each job goes to exactly one.
         """

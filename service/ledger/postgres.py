@@ -11,15 +11,16 @@ ledger lives in, so two deployments (or two tests) in one database stay apart.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import asynccontextmanager
 from typing import Any, Final
 
 import psycopg
 from psycopg import sql
 from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import Jsonb
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from service.errors import LedgerUnavailable
 from service.ledger.base import (
     COLUMNS,
     DELIVERY_COLUMNS,
@@ -35,10 +36,21 @@ from service.ledger.postgres_pages import PostgresPages
 from service.ledger.postgres_reads import PostgresReads, job_record
 from service.ledger.postgres_replicas import PostgresReplicas
 from service.ledger.postgres_schema import LOCK_KEY, migrate
+from service.ledger.reach import Reachability, one_line
 
 __all__ = ["PostgresLedger"]
 
 _UNFINISHED: Final = list(UNFINISHED)
+# The errors that mean no connection (none to be had, or the one in use was cut); a
+# pool's timeout is one of them.
+_UNREACHABLE: Final = (psycopg.OperationalError, psycopg.InterfaceError)
+# How long the pool keeps trying to replace a lost connection before it gives up and
+# leaves the next request to start a new attempt at once. Its own backoff doubles from
+# 1 s without a cap: after a 30 s outage, the first connection would come up to 30 s
+# after the server is back; this way, within about a second.
+_RECONNECT_S: Final = 2.0
+_PING_WAIT_S: Final = 1.0  # the ping waits this long for a pooled connection
+_CLOSE_S: Final = 2.0  # a stop waits this long for the pool's reconnection attempts
 
 
 def _param(column: str, value: Any) -> Any:
@@ -63,8 +75,8 @@ class PostgresLedger(
             the tables go to the first schema of the search path.
         min_size: connections the pool keeps open.
         max_size: most connections the pool opens.
-        connect_timeout_s: how long to wait for a new connection (and for the
-            pool to give one out) before failing.
+        connect_timeout_s: how long to wait for a new connection (and for the pool to
+            give one out) before failing.
     """
 
     def __init__(
@@ -75,17 +87,24 @@ class PostgresLedger(
         max_size: int = 4,
         connect_timeout_s: float = 10.0,
     ) -> None:
-        self.url = url
-        self._min_size = min_size
-        self._max_size = max_size
+        self.url, self._min_size, self._max_size = url, min_size, max_size
         self._timeout_s = connect_timeout_s
         self._pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] | None = None
+        self.reach = Reachability("unreachable")
 
     # -- lifecycle -----------------------------------------------------------------
 
     async def open(self) -> None:
+        """Raises `LedgerUnavailable` when the server cannot be reached or refuses the
+        connection (with the server's own words), for the caller to try again."""
+        try:
+            await self._open()
+        except _UNREACHABLE as e:
+            raise LedgerUnavailable(one_line(e)) from e
+
+    async def _open(self) -> None:
         # The schema first, on a connection of its own: a wrong URL or a missing
-        # database fails at once with the server's own words, not a pool timeout.
+        # database fails with the server's own words, not a pool timeout.
         async with await self._connect() as conn:
             await migrate(conn, self.url)
         pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = AsyncConnectionPool(
@@ -100,6 +119,7 @@ class PostgresLedger(
             # A connection broken by a server restart is replaced before use, so the
             # ledger comes back by itself once the database does.
             check=AsyncConnectionPool.check_connection,
+            reconnect_timeout=_RECONNECT_S,
         )
         try:
             await pool.open(wait=True, timeout=self._timeout_s)
@@ -107,27 +127,43 @@ class PostgresLedger(
             await pool.close()
             raise
         self._pool = pool
+        self.reach.answered()
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None
         if pool is not None:
-            await pool.close()
+            await pool.close(timeout=_CLOSE_S)
 
     @property
     def _connect_timeout(self) -> int:
         return max(2, round(self._timeout_s))  # libpq's unit is whole seconds, at least 2
 
     async def _connect(self) -> psycopg.AsyncConnection[Any]:
-        conn = await psycopg.AsyncConnection.connect(
-            self.url, autocommit=True, connect_timeout=self._connect_timeout
-        )
-        await _durable_commits(conn)
+        """A connection of its own, outside the pool."""
+        try:
+            conn = await psycopg.AsyncConnection.connect(
+                self.url, autocommit=True, connect_timeout=self._connect_timeout
+            )
+            await _durable_commits(conn)
+        except _UNREACHABLE as e:
+            self.reach.failed(e)
+            raise
         return conn
 
-    def _connection(self) -> AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]:
+    @asynccontextmanager
+    async def _connection(
+        self, timeout: float | None = None
+    ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """A pooled connection; what became of it tells `reach` whether the ledger answers."""
         if self._pool is None:
             raise RuntimeError("the ledger is not open")
-        return self._pool.connection()
+        try:
+            async with self._pool.connection(timeout) as conn:
+                yield conn
+        except _UNREACHABLE as e:
+            self.reach.failed(e, vague=isinstance(e, PoolTimeout))
+            raise
+        self.reach.answered()
 
     async def _fetch(self, query: Any, params: Any = None) -> list[DictRow]:
         async with self._connection() as conn, conn.cursor(row_factory=dict_row) as cur:
@@ -169,7 +205,17 @@ class PostgresLedger(
     # -- operations ----------------------------------------------------------------
 
     async def ping(self) -> None:
-        await self._execute("SELECT 1")
+        """A pooled connection if one comes at once, else one of its own: the pool keeps
+        its connection errors to its log, a connection of our own says why (and a busy
+        pool is no reason to be unready)."""
+        try:
+            async with self._connection(_PING_WAIT_S) as conn:
+                await conn.execute("SELECT 1")
+            return
+        except PoolTimeout:
+            pass
+        async with await self._connect() as conn:
+            await conn.execute("SELECT 1")
 
     async def insert(self, records: Sequence[JobRecord]) -> None:
         if not records:
@@ -281,14 +327,17 @@ class PostgresLedger(
         *,
         gone: Sequence[str] = (),
         everyone: bool = False,
+        leases: bool = True,
+        mine: bool = False,
     ) -> list[JobRecord]:
         rows = await self._fetch(
             """UPDATE jobs SET owner = %(owner)s, lease_expires_at = %(until)s
                FROM (SELECT id FROM jobs
                      WHERE state = ANY(%(unfinished)s)
-                       AND owner IS DISTINCT FROM %(owner)s
-                       AND (%(everyone)s OR owner IS NULL OR lease_expires_at < %(now)s
-                            OR owner = ANY(%(gone)s))
+                       AND (%(mine)s OR owner IS DISTINCT FROM %(owner)s)
+                       AND (%(everyone)s OR owner IS NULL OR owner = ANY(%(gone)s)
+                            OR (%(leases)s AND lease_expires_at < %(now)s)
+                            OR (%(mine)s AND owner = %(owner)s))
                      ORDER BY id
                      FOR UPDATE SKIP LOCKED) AS orphan
                WHERE jobs.id = orphan.id
@@ -297,6 +346,8 @@ class PostgresLedger(
                 "owner": owner,
                 "gone": list(gone),
                 "everyone": everyone,
+                "leases": leases,
+                "mine": mine,
                 "until": float(now + lease_s),
                 "now": float(now),
                 "unfinished": _UNFINISHED,

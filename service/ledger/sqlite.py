@@ -11,11 +11,13 @@ fsync of their own.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from service.errors import LedgerUnavailable
 from service.ledger.base import (
     COLUMNS,
     DELIVERY_COLUMNS,
@@ -27,6 +29,7 @@ from service.ledger.base import (
     decode_history,
     encode_history,
 )
+from service.ledger.reach import Reachability, one_line
 from service.ledger.sqlite_arrivals import SqliteArrivals
 from service.ledger.sqlite_outbox import SqliteOutbox, insert_events
 from service.ledger.sqlite_pages import SqlitePages
@@ -83,10 +86,14 @@ class SqliteLedger(SqliteOutbox, SqliteArrivals, SqliteReplicas, SqlitePages):
     def __init__(self, path: Path) -> None:
         self.path = path
         self.url = f"sqlite:///{path}"
-        self._writer = WriterThread(path)
+        self.reach = Reachability("not writable")
+        self._writer = WriterThread(path, self.reach)
 
     async def open(self) -> None:
-        await self._writer.open()
+        try:
+            await self._writer.open()
+        except (sqlite3.OperationalError, OSError) as e:  # locked, read-only, no room
+            raise LedgerUnavailable(one_line(e)) from e
 
     async def close(self) -> None:
         self._close_pages()
@@ -96,8 +103,19 @@ class SqliteLedger(SqliteOutbox, SqliteArrivals, SqliteReplicas, SqlitePages):
 
     async def ping(self) -> None:
         """A real write (rolled into the batch's commit): a ledger that can no longer be
-        written (disk full, read-only, immutable) fails here, not on the next claim."""
+        written (disk full, read-only, immutable) fails here, not on the next claim.
+
+        Permissions are checked when a file is opened, so the connection opened at start
+        writes on after the file or its folder is made read-only; the next start could
+        not open it, which is said here while it still can.
+        """
         await self._writer.call(lambda c: c.execute("UPDATE filedock_schema SET version = version"))
+        folder = self.path.parent
+        if not (os.access(self.path, os.W_OK) and os.access(folder, os.W_OK | os.X_OK)):
+            raise PermissionError(
+                f"{self.path} or its folder is read-only for this user: written through the"
+                " connection opened at start, it could not be opened again"
+            )
 
     async def insert(self, records: Sequence[JobRecord]) -> None:
         if not records:
@@ -267,16 +285,18 @@ class SqliteLedger(SqliteOutbox, SqliteArrivals, SqliteReplicas, SqlitePages):
         *,
         gone: Sequence[str] = (),
         everyone: bool = False,
+        leases: bool = True,
+        mine: bool = False,
     ) -> list[JobRecord]:
         marks = ", ".join("?" * len(gone))
 
         def op(c: sqlite3.Connection) -> list[sqlite3.Row]:
             rows = c.execute(
-                f"SELECT * FROM jobs WHERE state IN {_UNFINISHED} AND owner IS NOT ?"
-                " AND (? OR owner IS NULL OR lease_expires_at < ?"
-                f"      OR owner IN ({marks}))"
+                f"SELECT * FROM jobs WHERE state IN {_UNFINISHED} AND (? OR owner IS NOT ?)"
+                f" AND (? OR owner IS NULL OR owner IN ({marks}) OR (? AND lease_expires_at < ?)"
+                "      OR (? AND owner = ?))"
                 " ORDER BY id",
-                (owner, everyone, now, *gone),
+                (mine, owner, everyone, *gone, leases, now, mine, owner),
             ).fetchall()
             c.executemany(
                 "UPDATE jobs SET owner = ?, lease_expires_at = ? WHERE id = ?",

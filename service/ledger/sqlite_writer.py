@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from service.ledger.base import SCHEMA_VERSION
+from service.ledger.reach import Reachability
 
 __all__ = ["WriterThread"]
 
@@ -126,10 +127,12 @@ CREATE INDEX IF NOT EXISTS replicas_heartbeat ON replicas (heartbeat_at);
 
 
 class WriterThread:
-    """One SQLite file's connection, in a thread of its own."""
+    """One SQLite file's connection, in a thread of its own; `reach` learns from each
+    batch whether the file can be written."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, reach: Reachability) -> None:
         self.path = path
+        self.reach = reach
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -211,8 +214,11 @@ class WriterThread:
         try:
             conn = self._connect()
         except BaseException as e:  # report any failure to open, then stop the thread
+            if isinstance(e, sqlite3.OperationalError | OSError):
+                self.reach.failed(e)
             _notify(loop, _settle, ready, None, e)
             return
+        self.reach.answered()
         _notify(loop, _settle, ready, None, None)
         try:
             self._serve(conn, loop)
@@ -257,10 +263,15 @@ class WriterThread:
             conn.execute("COMMIT")
             if any(durable for _, _, durable in batch):
                 self._fsync_wal()
-        except (sqlite3.Error, OSError) as e:
+        except (sqlite3.Error, OSError) as e:  # the batch as a whole: the file cannot be written
+            self.reach.failed(e)
             if conn.in_transaction:
-                conn.execute("ROLLBACK")
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass  # SQLite has rolled back by itself (an I/O error): the thread goes on
             return [(fut, None, e) for _, fut, _ in batch]
+        self.reach.answered()
         return results
 
     def _fsync_wal(self) -> None:

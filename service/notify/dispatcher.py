@@ -117,9 +117,14 @@ class Dispatcher:
     async def _channel(self, name: str, records: list[OutboxRecord], now: float) -> None:
         channel = self.channels[name]
         if channel.digest:
-            rest = await self.ledger.take_outbox(
-                now, self.owner, self.lease_s, limit=_DIGEST_MAX, channel=name, due_only=False
-            )
+            try:
+                rest = await self.ledger.take_outbox(
+                    now, self.owner, self.lease_s, limit=_DIGEST_MAX, channel=name, due_only=False
+                )
+            except Exception as e:  # the digest holds what was taken; the rest comes later
+                self.metrics.ledger_errors.inc()
+                log.error("cannot read the outbox", extra={"error": repr(e)[:300]})
+                rest = []
             seen = {r.event_id for r in records}
             records += [r for r in rest if r.event_id not in seen]
         events = [Event.from_json(r.payload) for r in records]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 
 import anyio
+import anyio.lowlevel
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from service.crash import crash_point
@@ -21,7 +22,7 @@ from service.face.logs import job_fields
 from service.face.metrics import Metrics
 from service.importers import Result
 from service.pipeline.job import InFlight, Job
-from service.pipeline.retries import Later
+from service.pipeline.later import Later
 from service.pipeline.set_aside import SetAsideStage
 from service.pipeline.streams import put, shielded, take_waiting
 from service.pipeline.transitions import Transitions
@@ -98,6 +99,11 @@ class Archiver:
         archived: list[Job] = []  # recorded `done`, their sources still in proc/
         async with self._receive:
             while True:
+                try:  # each batch is shielded: a stop that cancels ends the loop between two
+                    await anyio.lowlevel.checkpoint_if_cancelled()
+                except anyio.get_cancelled_exc_class():
+                    await shielded(self._remove_sources(archived))
+                    raise
                 try:
                     first = self._receive.receive_nowait()
                 except anyio.WouldBlock:

@@ -21,6 +21,7 @@ from service.discovery.readiness import Readiness
 from service.face.logs import job_fields
 from service.face.metrics import Metrics
 from service.ledger import JobRecord
+from service.ledger.reach import one_line
 from service.pipeline.checks import needs_dirs
 from service.pipeline.job import InFlight, Job
 from service.pipeline.lanes import Lane, Lanes
@@ -61,6 +62,7 @@ class Claimer:
         self.transfer: Path = settings.folder("transfer")
         self.proc: Path = settings.folder("proc")
         self.temp: Path = settings.folder("temp")
+        self._unsure: list[str] = []  # rows that may be in the ledger without a claim
 
     async def run(self, lane: Lane) -> None:
         """Claim a lane's ready files, a batch at a time."""
@@ -111,11 +113,7 @@ class Claimer:
             )
             for c in batch
         ]
-        try:
-            await self.transitions.insert(records)
-        except Exception as e:
-            self.metrics.ledger_errors.inc()
-            log.error("ledger unavailable; files stay in transfer/", extra={"error": repr(e)[:300]})
+        if not await self._insert(records):
             self._left_intake(batch)
             await anyio.sleep(1.0)
             return []
@@ -143,8 +141,41 @@ class Claimer:
             else:
                 lost.append(record.id)
                 self._not_claimed(route, record, result)
-        await self.transitions.unclaimed(lost)
+        try:
+            await self.transitions.unclaimed(lost)
+        except Exception as e:
+            self._unsure += lost
+            self._ledger_failed(e, "ledger unavailable; rows of files not claimed go later")
         return claimed
+
+    async def _insert(self, records: list[JobRecord]) -> bool:
+        """The batch's rows, after those of earlier batches that may be in the ledger
+        without a claim; False (no file moves) when the ledger fails.
+
+        An insert whose answer is lost with its connection may have committed: its rows
+        are deleted before the next insert, so that the files, claimed again later under
+        new ids, have one row each.
+        """
+        unsure, self._unsure = self._unsure, []
+        try:
+            await self.transitions.unclaimed(unsure)
+        except Exception as e:
+            self._unsure += unsure
+            self._ledger_failed(e)
+            return False
+        try:
+            await self.transitions.insert(records)
+        except Exception as e:
+            self._unsure += [r.id for r in records]
+            self._ledger_failed(e)
+            return False
+        return True
+
+    def _ledger_failed(
+        self, error: Exception, message: str = "ledger unavailable; files stay in transfer/"
+    ) -> None:
+        self.metrics.ledger_errors.inc()
+        log.error(message, extra={"error": one_line(error)})
 
     def _left_intake(self, batch: list[Candidate]) -> None:
         for c in batch:

@@ -4,15 +4,12 @@ later.
 
 A retry's time lives in the ledger (`next_attempt_at`), so it survives a restart;
 the scheduler takes due jobs every second (`FOR UPDATE SKIP LOCKED` on PostgreSQL)
-and puts them back in their lane. `Later` holds what is tried again within this
-process only (a job set back after an unexpected failure, an archive that could
-not be written yet): a restart's recovery finds those in `proc/` anyway.
+and puts them back in their lane. `Later` (`later.py`) holds what is tried again
+within this process only.
 """
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import logging
 import math
 import random
@@ -26,8 +23,10 @@ from service.errors import JobError
 from service.face.logs import job_fields
 from service.face.metrics import Metrics
 from service.ledger import JobRecord, Ledger
+from service.ledger.reach import one_line
 from service.pipeline.job import InFlight, Job
 from service.pipeline.lanes import Lanes
+from service.pipeline.later import Later
 from service.pipeline.set_aside import SetAsideStage
 from service.pipeline.streams import shielded
 from service.pipeline.transitions import Transitions
@@ -37,32 +36,6 @@ __all__ = ["Later", "Retries", "backoff"]
 
 log = logging.getLogger("filedock.pipeline")
 _DEFER_S = 5.0  # a job the service could not handle (the ledger failed) is resumed after
-
-
-class Later:
-    """Calls to make after a delay, in this process; `run` makes them in time order."""
-
-    def __init__(self) -> None:
-        self._heap: list[tuple[float, int, Callable[[], Awaitable[None]]]] = []
-        self._seq = itertools.count()
-        self._wake = anyio.Event()
-
-    def call(self, delay: float, fn: Callable[[], Awaitable[None]]) -> None:
-        at = time.monotonic() + delay
-        if not self._heap or at < self._heap[0][0]:
-            self._wake.set()
-        heapq.heappush(self._heap, (at, next(self._seq), fn))
-
-    async def run(self) -> None:
-        while True:
-            self._wake = anyio.Event()
-            delay = self._heap[0][0] - time.monotonic() if self._heap else math.inf
-            if delay > 0:
-                with anyio.move_on_after(delay):
-                    await self._wake.wait()
-                continue
-            _, _, fn = heapq.heappop(self._heap)
-            await fn()
 
 
 class Retries:
@@ -95,7 +68,11 @@ class Retries:
 
     async def run(self, *, interval_s: float = 1.0) -> None:
         while True:
-            await self.dispatch_due()
+            try:
+                await self.dispatch_due()
+            except Exception as e:  # the ledger is away: the due jobs wait there for it
+                self.metrics.ledger_errors.inc()
+                log.error("cannot take the due retries", extra={"error": one_line(e)})
             await anyio.sleep(interval_s)
 
     async def dispatch_due(self) -> int:
@@ -157,8 +134,8 @@ class Retries:
         self.metrics.ledger_errors.inc()
         log.error(
             f"could not handle the job; it stays in proc/ and is resumed in {_DEFER_S:g}s",
-            extra=job_fields(r.id, route=r.route, name=r.name, error=repr(error)[:500]),
-            exc_info=not isinstance(error, OSError),
+            extra=job_fields(r.id, route=r.route, name=r.name, error=one_line(error, 500)),
+            exc_info=not (isinstance(error, OSError) or self.ledger.reach.down),  # a bug's
         )
         self.in_flight.release(job)
         self.later.call(_DEFER_S, lambda: self.resume(r))

@@ -118,9 +118,14 @@ class Transitions:
         self.emit("set_back", job.record, error_class=error_class, retry_in_s=delay)
 
     async def _wait(self, r: JobRecord, error_class: str, message: str, delay: float) -> None:
+        before = r.state
         r.next_attempt_at = time.time() + delay
         r.error_class, r.error = error_class, message[:4000]
-        await self.ledger.update(*_fields(r, "waiting", _WAITING))
+        try:
+            await self.ledger.update(*_fields(r, "waiting", _WAITING))
+        except Exception:
+            r.state = before  # not waiting: the job is set back and resumed as it was
+            raise
 
     # -- deliver -------------------------------------------------------------------
 

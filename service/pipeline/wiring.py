@@ -35,7 +35,8 @@ from service.pipeline.events import Tally, log_transition, metrics_subscriber
 from service.pipeline.heartbeat import Heartbeat
 from service.pipeline.job import InFlight
 from service.pipeline.lanes import Lane, Lanes
-from service.pipeline.retries import Later, Retries
+from service.pipeline.later import Later
+from service.pipeline.retries import Retries
 from service.pipeline.set_aside import SetAsideStage
 from service.pipeline.transitions import Transitions
 from service.pipeline.workers import Workers
@@ -99,7 +100,9 @@ class Pipeline:
             ledger, [metrics_subscriber(metrics), log_transition, self.tally], Outbox(s.notify)
         )
         self.later = Later()
-        self.set_aside = SetAsideStage(self.transitions, self.in_flight, folders, fs_threads)
+        self.set_aside = SetAsideStage(
+            self.transitions, self.in_flight, folders, fs_threads, self.later, metrics
+        )
         self.archiver = Archiver(
             self.writer,
             self.transitions,

@@ -195,11 +195,15 @@ class Workers:
         """Record the attempts `importing` (one ledger write), import, hand each on."""
         route = lane.route
         now = time.time()
+        before = [(job.record.state, job.record.attempts) for job in jobs]
         import_jobs = [self._begin(route, job, now, isolated=isolated) for job in jobs]
         try:
             await shielded(self.transitions.importing(jobs))
         except Exception as e:
-            for job in jobs:
+            for job, (state, attempts) in zip(jobs, before, strict=True):
+                # Not counted, not run: resumed later as it was, the attempt counted then.
+                job.record.state, job.record.attempts = state, attempts
+                job.record.history.pop()
                 self.retries.set_back(job, e)
             return
         gauge = self.metrics.in_progress.labels(route.name)

@@ -20,6 +20,7 @@ import re
 import shutil
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,10 +69,14 @@ class Recovery:
         replica: ReplicaRecord,
         *,
         sole: bool = False,
+        steady: Callable[[float], bool] = lambda now: True,
     ) -> None:
         self.settings = settings
         self.replica = replica
         self.sole = sole
+        self.steady = steady  # whether this process may judge others by their silence
+        self._taken: dict[str, JobRecord] = {}  # taken over, not handled yet (the ledger failed)
+        self._resume: list[JobRecord] = []  # taken over and requeued, not yet handed back
         self.ledger = ledger
         self.metrics = metrics
         self.router = router
@@ -90,7 +95,8 @@ class Recovery:
         """Reconcile; the returned report lists the jobs the pipeline must resume."""
         now = time.time() if now is None else now
         report = RecoveryReport()
-        orphans = await self._take_orphans(now)
+        # Its own too: a recovery the ledger interrupted may have taken some already.
+        orphans = await self._take_orphans(now, mine=True)
         culprit = _lone_culprit(orphans)
         for job in orphans:
             await self._orphan(job, report, now, charge=job.id == culprit)
@@ -103,26 +109,28 @@ class Recovery:
 
     async def take_over(self, active: set[str], *, now: float | None = None) -> list[JobRecord]:
         """While running: jobs of instances that have ended (or whose lease expired), to
-        resume here.
-
-        Jobs this process holds in memory are left alone.
-        """
+        resume here; jobs this process holds in memory are left alone."""
         now = time.time() if now is None else now
-        report = RecoveryReport()
+        # What an earlier take-over took but could not handle (or requeue) is this
+        # process's now, which no query would give back: it comes first.
+        report = RecoveryReport(resume=self._resume)
         orphans = await self._take_orphans(now)
+        self._taken.update((job.id, job) for job in orphans)
         culprit = _lone_culprit(orphans)
-        for job in orphans:
+        for job in list(self._taken.values()):
             if job.id not in active:
                 await self._orphan(job, report, now, charge=job.id == culprit)
+            del self._taken[job.id]
         # A replica that died between `done` and removing its source left a folder
         # whose job is final: finish that too.
         await self._adopt_proc(report, now, skip=active)
-        return report.resume
+        resume, self._resume = self._resume, []
+        return resume
 
-    async def _take_orphans(self, now: float) -> list[JobRecord]:
-        return await take_orphans(
-            self.ledger, self.replica, self.settings.lease_s, now, sole=self.sole
-        )
+    async def _take_orphans(self, now: float, *, mine: bool = False) -> list[JobRecord]:
+        me, lease_s, by_age = self.replica, self.settings.lease_s, self.steady(now)
+        ledger, sole = self.ledger, self.sole
+        return await take_orphans(ledger, me, lease_s, now, sole=sole, by_age=by_age, mine=mine)
 
     # -- jobs the ledger knows ---------------------------------------------------------
 
@@ -149,25 +157,26 @@ class Recovery:
                     "updated_at": now,
                 },
             )
-            self._remove_tree(self.proc / job.id)
+            _remove_tree(self.proc / job.id)
             self._act(report, "finished_fail", job.id, "finished an interrupted move to failed/")
         elif in_proc:
             if job.state == "importing":
-                if job.history and job.history[-1].get("result") == "running":
-                    job.history[-1].update(result="interrupted", ended_at=rfc3339(now))
+                history = [dict(h) for h in job.history]  # the record changes once written
+                if history and history[-1].get("result") == "running":
+                    history[-1].update(result="interrupted", ended_at=rfc3339(now))
                     if charge:
-                        job.history[-1]["isolated"] = True
-                job.state = "claimed"
+                        history[-1]["isolated"] = True
                 await self.ledger.update(
-                    job.id, {"state": "claimed", "history": job.history, "updated_at": now}
+                    job.id, {"state": "claimed", "history": history, "updated_at": now}
                 )
+                job.state, job.history = "claimed", history
             if job.state != "waiting":
                 report.resume.append(job)
                 self._act(report, "requeued", job.id, f"re-queued a job found {job.state}")
         elif job.state == "claimed" and not _has_payload(self.proc / job.id):
             # The row is written before the claim's mkdir and rename: the crash came in
             # between. The file is still in transfer/ (or another replica has it).
-            self._remove_tree(self.proc / job.id)
+            _remove_tree(self.proc / job.id)
             await self.ledger.delete([job.id])
             self._act(report, "unclaimed_row", job.id, "removed the row of a claim never made")
         else:
@@ -221,7 +230,7 @@ class Recovery:
                 "updated_at": now,
             },
         )
-        await anyio.to_thread.run_sync(self._remove_tree, self.proc / job.id)
+        await anyio.to_thread.run_sync(_remove_tree, self.proc / job.id)
         self._act(report, "finished_archive", job.id, "finished an interrupted archive")
 
     # -- folders the ledger may not know -------------------------------------------------
@@ -257,10 +266,10 @@ class Recovery:
                 else:
                     await self._adopt(entry, contents[0], report, now)
             elif job.state == "done" and archive_dir_for(self.archive, entry).exists():
-                await anyio.to_thread.run_sync(self._remove_tree, path)
+                await anyio.to_thread.run_sync(_remove_tree, path)
                 self._act(report, "finished_archive", entry, "removed the source of a done job")
             elif job.state == "failed" and (self.failed / entry).exists():
-                await anyio.to_thread.run_sync(self._remove_tree, path)
+                await anyio.to_thread.run_sync(_remove_tree, path)
                 self._act(report, "finished_fail", entry, "removed a copy moved to failed/")
             elif job.state in ("done", "failed") and not final_only:
                 self._act(report, "inconsistency", entry, "a final job still has a folder in proc/")
@@ -329,32 +338,34 @@ class Recovery:
         """Our own unfinished copies: `<id>.tmp` in archive/ and failed/, and temp/."""
         for entry in _listdir(self.temp):
             if JOB_ID.match(entry) and not (self.proc / entry).exists():
-                self._remove_tree(self.temp / entry)
+                _remove_tree(self.temp / entry)
                 self._act(report, "removed_tmp", entry, "removed scratch of an ended job")
-        for tmp in self._recent_tmp_dirs():
+        for tmp in _recent_tmp_dirs(self.failed, self.archive):
             job_id = tmp.name.removesuffix(".tmp")
             if (self.proc / job_id).exists() or (tmp.with_name(job_id)).exists():
-                self._remove_tree(tmp)  # the source is still in proc/, or the copy is done
+                _remove_tree(tmp)  # the source is still in proc/, or the copy is done
                 self._act(report, "removed_tmp", job_id, "removed an unfinished copy")
             else:
                 self._act(report, "inconsistency", job_id, "an unfinished copy has no source")
-
-    def _recent_tmp_dirs(self) -> list[Path]:
-        found = [self.failed / e for e in _listdir(self.failed) if e.endswith(".tmp")]
-        now = time.time()
-        for back in range(_SCRATCH_DAYS):
-            t = time.gmtime(now - back * 86400)
-            day = self.archive / f"{t.tm_year:04d}" / f"{t.tm_mon:02d}" / f"{t.tm_mday:02d}"
-            found += [day / e for e in _listdir(day) if e.endswith(".tmp")]
-        return found
 
     def _remove_empty(self, path: Path, report: RecoveryReport) -> None:
         shutil.rmtree(path)  # holds at most an empty out/
         self._act(report, "removed_empty", path.name, "removed an empty job folder")
 
-    @staticmethod
-    def _remove_tree(path: Path) -> None:
-        shutil.rmtree(path, ignore_errors=True)
+
+def _remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _recent_tmp_dirs(failed: Path, archive: Path) -> list[Path]:
+    """`<id>.tmp` copies in failed/ and in the archive's last few day folders."""
+    found = [failed / e for e in _listdir(failed) if e.endswith(".tmp")]
+    now = time.time()
+    for back in range(_SCRATCH_DAYS):
+        t = time.gmtime(now - back * 86400)
+        day = archive / f"{t.tm_year:04d}" / f"{t.tm_mon:02d}" / f"{t.tm_mday:02d}"
+        found += [day / e for e in _listdir(day) if e.endswith(".tmp")]
+    return found
 
 
 def _lone_culprit(orphans: list[JobRecord]) -> str | None:

@@ -12,7 +12,8 @@ the process's start time).
 An instance has ended, and its jobs are taken without waiting for their leases, when:
 - it says so: it stopped cleanly (`stopped_at`);
 - its heartbeat is older than `lease_s` (the heartbeat renews its leases too, so those
-  have run out as well);
+  have run out as well), as judged by a process that has itself written its heartbeat
+  all along for `lease_s` (the ledger being away silences every replica alike);
 - it ran on this host (same hostname, boot id and pid namespace) and its process is
   gone: no process has its pid, or the one that has it started at another time (a
   pid used again, as by a container's process restarted in the same namespace);
@@ -32,6 +33,8 @@ import socket
 import time
 from dataclasses import dataclass
 
+import anyio
+
 from service import __version__
 from service.ledger import JobRecord, Ledger
 from service.ledger.base import ReplicaRecord
@@ -47,6 +50,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("filedock.replicas")
+_STOPPED_WRITE_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -95,12 +99,15 @@ def this_instance(
     )
 
 
-def ended(r: ReplicaRecord, now: float, lease_s: float, host: Host) -> str | None:
-    """Why the instance `r` is known to have ended, or None while it may run."""
+def ended(
+    r: ReplicaRecord, now: float, lease_s: float, host: Host, *, by_age: bool = True
+) -> str | None:
+    """Why the instance `r` is known to have ended, or None while it may run. `by_age`
+    False: a silent heartbeat proves nothing (see `take_orphans`)."""
     if r.stopped_at is not None:
         return "stopped"
     age = now - r.heartbeat_at
-    if age > lease_s:
+    if by_age and age > lease_s:
         return f"no heartbeat for {age:.0f} s"
     if host.knows(r):
         start = process_start(r.pid)
@@ -154,9 +161,11 @@ async def register(ledger: Ledger, name: str, lease_s: float) -> ReplicaRecord:
 
 async def mark_stopped(ledger: Ledger, replica: ReplicaRecord) -> None:
     """This instance has stopped: nothing of it runs any more, and its jobs are free to
-    take at once. A ledger that cannot be written now lets its heartbeat age instead."""
+    take at once. A ledger that cannot be written now (or within a few seconds: the
+    stop must not wait out a pool's timeout) lets its heartbeat age instead."""
     try:
-        await ledger.replica_stopped(replica.instance, time.time())
+        with anyio.fail_after(_STOPPED_WRITE_S):
+            await ledger.replica_stopped(replica.instance, time.time())
     except Exception as e:
         log.warning("could not mark this instance stopped", extra={"error": repr(e)[:300]})
 
@@ -169,16 +178,28 @@ async def take_orphans(
     *,
     sole: bool = False,
     host: Host | None = None,
+    by_age: bool = True,
+    mine: bool = False,
 ) -> list[JobRecord]:
     """The jobs `me` may take now: those whose lease has expired, and every job of an
     instance known to have ended, whose events' leases are released as well. `sole`:
     this process holds the ledger's single-replica lock, so no other process runs and
-    every job and event is free to take."""
+    every job and event is free to take. `mine`: `me`'s own unfinished jobs too (at
+    start, before any is held: those an interrupted recovery took).
+
+    `by_age` False: neither an old heartbeat nor an expired lease frees a job. An
+    instance that could not reach the ledger could not renew them either; when the
+    ledger was away for every replica, the others are as silent as this one and as
+    alive. So this process trusts their silence only once it has itself written
+    every heartbeat for `lease_s` (`Heartbeat.steady`): by then a live instance has
+    written one too.
+    """
     gone: list[str] = []
     if not sole:
         host = host or Host.here()
         for r in await ledger.replicas():
-            why = ended(r, now, lease_s, host) if r.instance != me.instance else None
+            mortal = r.instance != me.instance
+            why = ended(r, now, lease_s, host, by_age=by_age) if mortal else None
             if why is None:
                 continue
             gone.append(r.instance)
@@ -189,7 +210,9 @@ async def take_orphans(
                 )
     if gone or sole:
         await ledger.release_outbox(me.instance, gone=gone, everyone=sole)
-    return await ledger.take_orphans(now, me.instance, lease_s, gone=gone, everyone=sole)
+    return await ledger.take_orphans(
+        now, me.instance, lease_s, gone=gone, everyone=sole, leases=by_age, mine=mine
+    )
 
 
 def _boot_id() -> str | None:
