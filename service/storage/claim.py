@@ -11,6 +11,7 @@ These functions block; the pipeline runs them in worker threads.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -112,7 +113,12 @@ def claim_batch(
         results.append(result)
         if result.status == "claimed":
             # The upstream's bytes may not be on disk yet: a per-file barrier syncs them.
-            barrier.file(job_dir + b"/" + stored_name(rel.rsplit(b"/", 1)[-1]))
+            # Only a regular file's (opening a FIFO would wait for a writer; a symlink,
+            # socket or folder is set aside by the vet and has no bytes of its own).
+            claimed = job_dir + b"/" + stored_name(rel.rsplit(b"/", 1)[-1])
+            with contextlib.suppress(OSError):
+                if stat.S_ISREG(os.lstat(claimed).st_mode):
+                    barrier.file(claimed)
             barrier.dir(Path(os.fsdecode(src)).parent)
             barrier.dir(Path(os.fsdecode(job_dir)))
     if any(r.status == "claimed" for r in results):
