@@ -67,8 +67,8 @@ class Settings(BaseSettings):
     retention: Retention = Retention()
     archive: ArchiveSettings = ArchiveSettings()
     # How a batch of claims or archives is made durable: one syncfs() of the filesystem,
-    # an fsync of each file and folder, or (auto) syncfs unless much else is dirty.
-    barrier: Literal["auto", "syncfs", "fsync"] = "auto"
+    # an fsync of each file and folder, or (auto) whichever is cheaper now.
+    barrier: Literal["auto", "syncfs", "fsync"] = "syncfs"
     routes: list[Route] = Field(default_factory=list)
     notify: list[ChannelSettings] = Field(default_factory=list)
 

@@ -68,7 +68,7 @@ class Packing:
     codecs: dict[str, Codec] = field(default_factory=dict)
     threads: int = 1
     progress: Path | None = None
-    barrier: BarrierMode = "auto"
+    barrier: BarrierMode = "syncfs"
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ class Writer:
         codecs: dict[str, Codec] | None = None,
         threads: int = 1,
         progress: Path | None = None,
-        barrier: BarrierMode = "auto",
+        barrier: BarrierMode = "syncfs",
     ) -> None:
         self.proc_root, self.temp_root, self.failed_root = proc_root, temp_root, failed_root
         # Per route, how its sources are compressed; the threads that compress one; where

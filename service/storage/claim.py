@@ -77,7 +77,7 @@ def claim_batch(
     companions: tuple[bytes, ...] = (),
     max_size: int | None = None,
     temp: Path | None = None,
-    barrier_mode: BarrierMode = "auto",
+    barrier_mode: BarrierMode = "syncfs",
 ) -> list[ClaimResult]:
     """Rename each `transfer/<rel>` to `proc/<id>/<name>`; one barrier for the batch.
 
@@ -118,7 +118,7 @@ def claim_batch(
             claimed = job_dir + b"/" + stored_name(rel.rsplit(b"/", 1)[-1])
             with contextlib.suppress(OSError):
                 if stat.S_ISREG(os.lstat(claimed).st_mode):
-                    barrier.file(claimed)
+                    barrier.file(claimed, best_effort=True)
             barrier.dir(Path(os.fsdecode(src)).parent)
             barrier.dir(Path(os.fsdecode(job_dir)))
     if any(r.status == "claimed" for r in results):

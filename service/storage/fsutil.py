@@ -59,6 +59,11 @@ def fdatasync_path(path: str | bytes | os.PathLike[str]) -> None:
     _synced(path, os.O_RDONLY | os.O_NOFOLLOW, os.fdatasync)
 
 
+def _try_fdatasync(path: str | bytes | os.PathLike[str]) -> None:
+    with contextlib.suppress(OSError):  # not ours to read: its folder is synced all the same
+        fdatasync_path(path)
+
+
 def _synced(path: str | bytes | os.PathLike[str], flags: int, sync: Callable[[int], None]) -> None:
     fd = os.open(path, flags)
     try:
@@ -115,13 +120,18 @@ class Barrier:
     written included), the fsyncs for each path of the batch.
     """
 
-    def __init__(self, mode: BarrierMode = "auto") -> None:
+    def __init__(self, mode: BarrierMode = "syncfs") -> None:
         self._files: list[str | bytes] = []
         self._dirs: set[str | bytes] = set()
+        self._best_effort: set[str | bytes] = set()
         self.mode = mode
 
-    def file(self, path: str | bytes | os.PathLike[str]) -> None:
+    def file(self, path: str | bytes | os.PathLike[str], *, best_effort: bool = False) -> None:
+        """A file whose data must be durable; `best_effort`: a file this process may
+        not be able to open (an upstream's), synced when it can be, never failing."""
         self._files.append(os.fspath(path))
+        if best_effort:
+            self._best_effort.add(os.fspath(path))
 
     def dir(self, path: str | bytes | os.PathLike[str]) -> None:
         self._dirs.add(os.fspath(path))
@@ -143,13 +153,16 @@ class Barrier:
                     seen.add(dev)
                     syncfs(d)
         else:
-            _fsync_each(
-                [(f, fdatasync_path) for f in self._files] + [(d, fsync_dir) for d in self._dirs]
-            )
+            files = [
+                (f, _try_fdatasync if f in self._best_effort else fdatasync_path)
+                for f in self._files
+            ]
+            _fsync_each(files + [(d, fsync_dir) for d in self._dirs])
         if self.mode == "auto":
             COSTS.learn(use_syncfs, time.perf_counter() - t0, dirty, paths)
         self._files.clear()
         self._dirs.clear()
+        self._best_effort.clear()
 
 
 class Costs:
