@@ -1,5 +1,5 @@
-"""The outbound HTTP client the HTTP sink and the webhook channel share: one pool per
-sink or channel, its TLS verification as configured, nothing from the environment."""
+"""The HTTP sink's outbound client, one pool per sink, and the TLS verification it
+shares with the webhook channel: as configured, nothing from the environment."""
 
 from __future__ import annotations
 
