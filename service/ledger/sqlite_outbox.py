@@ -9,6 +9,8 @@ import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
+import orjson
+
 from service.ledger.base import OUTBOX_COLUMNS, OutboxRecord
 from service.ledger.sqlite_writer import WriterThread
 
@@ -28,10 +30,17 @@ def insert_events(c: sqlite3.Connection, events: Sequence[OutboxRecord]) -> None
 
 
 def _values(e: OutboxRecord) -> list[Any]:
-    return [
-        json.dumps(e.payload, separators=(",", ":")) if c == "payload" else getattr(e, c)
-        for c in OUTBOX_COLUMNS
-    ]
+    return [_encode(e.payload) if c == "payload" else getattr(e, c) for c in OUTBOX_COLUMNS]
+
+
+def _encode(payload: dict[str, Any]) -> str:
+    """Compact JSON, by orjson (a tenth of the standard encoder's time, and an event is
+    written for every job); what orjson refuses (an integer beyond 64 bits in an
+    importer's detail) by the standard encoder."""
+    try:
+        return orjson.dumps(payload).decode()
+    except TypeError:  # orjson.JSONEncodeError is a TypeError
+        return json.dumps(payload, separators=(",", ":"))
 
 
 def _record(row: sqlite3.Row) -> OutboxRecord:
