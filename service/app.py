@@ -34,7 +34,9 @@ from service.face.progress import ProgressReporter
 from service.face.ui import OperatorPage
 from service.ledger import JobRecord, Ledger, ledger_for_url
 from service.ledger.base import ReplicaRecord
-from service.notify.dispatcher import Dispatcher
+from service.notify.base import ChannelError
+from service.notify.dispatcher import Dispatcher, MetricsTally
+from service.notify.process import DispatcherProcess
 from service.pipeline import Pipeline
 from service.settings import Settings
 from service.storage.fsutil import (
@@ -199,7 +201,15 @@ class App:
                 "once": self.once,
             },
         )
-        dispatcher = Dispatcher(s, ledger, m, pipeline.transitions.outbox, owner=replica.instance)
+        for channel in s.notify:
+            m.declare_channel(channel.name)
+        # `run --once` sends what its drain caused in this process, at the end; a
+        # running service sends from a process of its own (`notify/process.py`).
+        dispatcher = (
+            Dispatcher(s.notify, ledger, MetricsTally(m), lease_s=s.lease_s, owner=replica.instance)
+            if self.once or not s.notify
+            else DispatcherProcess(s, m, pipeline.transitions.outbox, owner=replica.instance)
+        )
         recovery = Recovery(
             s,
             ledger,
@@ -212,7 +222,7 @@ class App:
         # The sinks' and channels' clients: a missing credential stops the start.
         await pipeline.open()
         try:
-            await dispatcher.open()
+            await _open(dispatcher)
             try:
                 await self._serve(
                     pipeline, dispatcher, discovery, ledger, health, recovery, wait, discovery_done
@@ -242,7 +252,7 @@ class App:
     async def _serve(
         self,
         pipeline: Pipeline,
-        dispatcher: Dispatcher,
+        dispatcher: Dispatcher | DispatcherProcess,
         discovery: Discovery,
         ledger: Ledger,
         health: Health,
@@ -260,7 +270,7 @@ class App:
             health.recovery_done = True
             for name, task in pipeline.tasks():
                 tg.start_soon(task, name=name)
-            if dispatcher.channels and not self.once:
+            if isinstance(dispatcher, DispatcherProcess):
                 tg.start_soon(dispatcher.run, name="dispatcher")
             outbox, instance = pipeline.transitions.outbox, recovery.replica.instance
             judge = Judge(s, ledger, self.metrics, outbox, owner=instance)
@@ -270,7 +280,7 @@ class App:
             if not self.once:
                 tg.start_soon(self._take_over, recovery, pipeline)
             gauges = Gauges(s, self.metrics, FOLDERS)
-            tg.start_soon(gauges.run, pipeline, dispatcher, discovery, ledger, health)
+            tg.start_soon(gauges.run, pipeline, discovery, ledger, health)
             in_flight = pipeline.in_flight
             progress = ProgressReporter(
                 progress_dir(s.folder("state")), self.metrics, in_flight.__contains__
@@ -280,6 +290,7 @@ class App:
             self.ready.set()
             if self.once:
                 await self._drain(pipeline, discovery, report.resume)
+                assert isinstance(dispatcher, Dispatcher)
                 while await dispatcher.dispatch():  # the events of what was done
                     pass
             else:
@@ -345,6 +356,18 @@ class App:
     def _start_reaper(self, tg: TaskGroup, ledger: Ledger) -> None:
         if not self.once:
             tg.start_soon(Reaper(self.settings, ledger, self.metrics).run_forever)
+
+
+async def _open(dispatcher: Dispatcher | DispatcherProcess) -> None:
+    """The channels' clients: a channel that cannot be used as configured (a missing
+    secret) stops the start, named."""
+    if isinstance(dispatcher, DispatcherProcess):
+        await dispatcher.start()
+        return
+    try:
+        await dispatcher.open()
+    except ChannelError as e:
+        raise StartupError(e.message) from None
 
 
 def _lock_single_replica(db: Path) -> int:

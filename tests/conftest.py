@@ -6,6 +6,7 @@ under `CI=true` a missing tool is a failure: CI must prove everything.
 
 from __future__ import annotations
 
+import base64
 import gzip
 import hashlib
 import json
@@ -438,6 +439,35 @@ def receiver(served_receiver: Any) -> Iterator[Any]:
     served_receiver.reset()
     yield served_receiver
     served_receiver.reset()
+
+
+HOOK_SECRET = "whsec_" + base64.b64encode(b"filedock-test-secret-0123456789ab").decode()
+
+
+@pytest.fixture(scope="module")
+def served_hooks() -> Iterator[Any]:
+    """A webhook receiver that verifies every signature (`webhook_receiver.py`) under
+    `HOOK_SECRET`, one per test module."""
+    from webhook_receiver import webhook_receiver
+
+    with webhook_receiver(HOOK_SECRET) as receiver:
+        yield receiver
+
+
+@pytest.fixture
+def hooks(served_hooks: Any) -> Iterator[Any]:
+    served_hooks.reset(HOOK_SECRET)
+    yield served_hooks
+    served_hooks.reset(HOOK_SECRET)
+
+
+def configure_webhook(tree: FiledockTree, hooks: Any, **channel: Any) -> dict[str, str]:
+    """One route whose imports fail for good at once, and a webhook channel
+    `downstream` to `hooks`, retried without waiting; returns the service's env."""
+    hook = {"name": "downstream", "kind": "webhook", "url": f"{hooks.url}/events"}
+    hook.update(secret={"env": "HOOK_SECRET"}, backoff_s=0, **channel)
+    tree.configure(routes=[command_route(max_attempts=1)], notify=[hook])
+    return tree.env(HOOK_SECRET=HOOK_SECRET)
 
 
 @pytest.fixture(scope="module", params=["rclone", "seaweedfs"])

@@ -9,37 +9,20 @@ from __future__ import annotations
 import base64
 import json
 import signal
-from collections.abc import Iterator
 from typing import Any
 
 import anyio
-import pytest
-from conftest import FiledockTree, command_route, free_port, wait_for
+from conftest import (
+    HOOK_SECRET,
+    FiledockTree,
+    command_route,
+    configure_webhook,
+    free_port,
+    wait_for,
+)
 from nats_streams import NATS_URL, stream_on
 from smtp_box import smtp_server
-from webhook_receiver import WebhookReceiver, webhook_receiver
-
-SECRET = "whsec_" + base64.b64encode(b"filedock-test-secret-0123456789ab").decode()
-
-
-@pytest.fixture(scope="module")
-def served_hooks() -> Iterator[WebhookReceiver]:
-    with webhook_receiver(SECRET) as receiver:
-        yield receiver
-
-
-@pytest.fixture
-def hooks(served_hooks: WebhookReceiver) -> Iterator[WebhookReceiver]:
-    served_hooks.reset(SECRET)
-    yield served_hooks
-    served_hooks.reset(SECRET)
-
-
-def configure(tree: FiledockTree, hooks: WebhookReceiver, **channel: Any) -> dict[str, str]:
-    hook = {"name": "downstream", "kind": "webhook", "url": f"{hooks.url}/events"}
-    hook.update(secret={"env": "HOOK_SECRET"}, backoff_s=0, **channel)
-    tree.configure(routes=[command_route(max_attempts=1)], notify=[hook])
-    return tree.env(HOOK_SECRET=SECRET)
+from webhook_receiver import WebhookReceiver
 
 
 def events(tree: FiledockTree, env: dict[str, str]) -> list[dict[str, Any]]:
@@ -51,7 +34,7 @@ def events(tree: FiledockTree, env: dict[str, str]) -> list[dict[str, Any]]:
 def test_each_outcome_becomes_one_signed_cloudevent(
     tree: FiledockTree, hooks: WebhookReceiver
 ) -> None:
-    env = configure(tree, hooks)
+    env = configure_webhook(tree, hooks)
     tree.drop("eu/good.csv", b"fine\n")
     tree.drop("bad.csv", b"EXIT 65\n")
     tree.drop(b"caf\xe9.csv", b"fine too\n")  # not UTF-8
@@ -82,7 +65,7 @@ def test_a_channel_that_stays_down_is_retried_then_given_up_on_with_the_reason(
     tree: FiledockTree, hooks: WebhookReceiver
 ) -> None:
     down = f"http://127.0.0.1:{free_port()}/events"  # nothing listens there
-    env = configure(tree, hooks, url=down, max_attempts=3)
+    env = configure_webhook(tree, hooks, url=down, max_attempts=3)
     tree.drop("a.csv", b"fine\n")
     assert tree.run_once(env=env).returncode == 0  # the job is done all the same
     (event,) = events(tree, env)
@@ -96,7 +79,7 @@ def test_a_channel_that_stays_down_is_retried_then_given_up_on_with_the_reason(
 def test_an_event_survives_a_crash_before_its_send_and_keeps_its_id(
     tree: FiledockTree, hooks: WebhookReceiver
 ) -> None:
-    env = configure(tree, hooks)
+    env = configure_webhook(tree, hooks)
     tree.drop("a.csv", b"fine\n")
     crashed = tree.run_once(env={**env, "FILEDOCK_TEST_CRASH_AT": "after_ledger_done:1"})
     assert crashed.returncode == -signal.SIGKILL
@@ -111,7 +94,7 @@ def test_an_event_survives_a_crash_before_its_send_and_keeps_its_id(
 def test_a_crash_after_the_send_sends_again_with_the_same_id(
     tree: FiledockTree, hooks: WebhookReceiver
 ) -> None:
-    env = configure(tree, hooks)
+    env = configure_webhook(tree, hooks)
     tree.drop("a.csv", b"fine\n")
     crashed = tree.run_once(env={**env, "FILEDOCK_TEST_CRASH_AT": "after_event_sent:1"})
     assert crashed.returncode == -signal.SIGKILL
@@ -124,13 +107,13 @@ def test_a_crash_after_the_send_sends_again_with_the_same_id(
 def test_a_missing_secret_stops_the_start_naming_the_channel(
     tree: FiledockTree, hooks: WebhookReceiver
 ) -> None:
-    configure(tree, hooks)
+    configure_webhook(tree, hooks)
     result = tree.run_once(env={k: v for k, v in tree.env().items() if k != "HOOK_SECRET"})
     assert result.returncode == 2
     assert "notify.downstream" in result.stderr and "HOOK_SECRET" in result.stderr
     checked = tree.cli("check-config")
     assert checked.returncode == 0 and "HOOK_SECRET" in checked.stdout
-    assert SECRET not in checked.stdout
+    assert HOOK_SECRET not in checked.stdout
 
 
 async def test_nats_holds_each_event_once_though_a_crash_sent_it_twice(

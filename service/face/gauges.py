@@ -14,7 +14,7 @@ from service.discovery.watcher import Discovery
 from service.face.http import Health
 from service.face.metrics import Metrics
 from service.ledger import UNFINISHED, Ledger
-from service.notify.dispatcher import Dispatcher
+from service.notify.dispatcher import show_backlog
 from service.pipeline import Pipeline
 from service.settings import Settings
 
@@ -28,7 +28,6 @@ class Gauges:
     async def run(
         self,
         pipeline: Pipeline,
-        dispatcher: Dispatcher,
         discovery: Discovery,
         ledger: Ledger,
         health: Health,
@@ -63,7 +62,7 @@ class Gauges:
             m.oldest_waiting_age.set(max(0.0, now - oldest))
             pipeline.delivery.show_paused()
             try:
-                await dispatcher.show_backlog()
+                await show_backlog(ledger, m, [ch.name for ch in s.notify])
             except Exception:
                 m.ledger_errors.inc()
             await anyio.sleep(5.0)

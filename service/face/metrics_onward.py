@@ -73,6 +73,12 @@ class OnwardMetrics:
             ["channel"],
             registry=r,
         )
+        self.notify_process_restarts = Counter(
+            p + "notify_process_restarts",
+            "Times the notify process (the dispatcher's own) ended on its own or could not"
+            " start, and was started again.",
+            registry=r,
+        )
         self.outbox_pending = Gauge(
             p + "outbox_pending",
             "Events waiting in the outbox for the channel, across every replica.",

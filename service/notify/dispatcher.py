@@ -7,13 +7,18 @@ crash after a send and before its mark sends that event again, with the same id:
 at least once everywhere, at most once where the channel deduplicates by id (NATS,
 a webhook receiver that keeps `webhook-id`). A digest channel (email) gets every
 pending event of its own once the oldest is due.
+
+In a running service the dispatcher lives in a process of its own (`process.py`); `run
+--once` runs it in the service's process, after the drain. Either way what it counts
+goes to a `Tally`: the metrics, here or across the pipe.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Literal, Protocol
 
 import anyio
 
@@ -22,13 +27,11 @@ from service.face.metrics import Metrics
 from service.ledger import Ledger
 from service.ledger.base import OutboxRecord
 from service.notify.base import Channel, ChannelError, Event
-from service.notify.events import Outbox
 from service.pipeline.retries import backoff
 from service.pipeline.streams import shielded
-from service.settings import Settings
 from service.settings.notify import ChannelSettings
 
-__all__ = ["Dispatcher", "build_channel"]
+__all__ = ["Dispatcher", "MetricsTally", "Tally", "build_channel", "show_backlog"]
 
 log = logging.getLogger("filedock.notify")
 _BATCH = 500  # events taken at once
@@ -57,38 +60,74 @@ def build_channel(settings: ChannelSettings) -> Channel:
     raise AssertionError(f"unknown channel kind {settings!r}")
 
 
+Counted = Literal["sent", "send_error", "failed", "ledger_error"]
+
+
+class Tally(Protocol):
+    """Where the dispatcher counts: an event sent, a send that failed, an event given
+    up, a ledger error (`channel` empty)."""
+
+    def count(self, what: Counted, channel: str = "", n: int = 1) -> None: ...
+
+
+class MetricsTally:
+    """Counts straight into the service's metrics."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def count(self, what: Counted, channel: str = "", n: int = 1) -> None:
+        m = self.metrics
+        if what == "ledger_error":
+            m.ledger_errors.inc(n)
+            return
+        counter = {"sent": m.events_sent, "send_error": m.event_send_errors}.get(what)
+        (counter or m.events_failed).labels(channel).inc(n)
+
+
 class Dispatcher:
     def __init__(
-        self, settings: Settings, ledger: Ledger, metrics: Metrics, outbox: Outbox, *, owner: str
+        self,
+        channels: Sequence[ChannelSettings],
+        ledger: Ledger,
+        tally: Tally,
+        *,
+        lease_s: float,
+        owner: str,
     ) -> None:
         self.ledger = ledger
-        self.metrics = metrics
-        self.outbox = outbox
+        self.tally = tally
         self.owner = owner  # this instance: the events it takes are leased to it
-        self.lease_s = settings.lease_s
-        self.settings = {ch.name: ch for ch in settings.notify}
-        self.channels = {ch.name: build_channel(ch) for ch in settings.notify}
-        for name in self.channels:
-            metrics.declare_channel(name)
+        self.lease_s = lease_s
+        self.settings = {ch.name: ch for ch in channels}
+        self.channels = {ch.name: build_channel(ch) for ch in channels}
 
     async def open(self) -> None:
-        from service.errors import StartupError
-
+        """Raises `ChannelError` naming the channel (`notify.NAME: …`) when one cannot
+        be used as configured (a missing secret)."""
         for name, channel in self.channels.items():
             try:
                 await channel.open()
             except ChannelError as e:
-                raise StartupError(f"notify.{name}: {e.message}") from None
+                raise ChannelError(f"notify.{name}: {e.message}", retryable=e.retryable) from None
 
     async def aclose(self) -> None:
         for channel in self.channels.values():
             with anyio.CancelScope(shield=True):
                 await channel.close()
 
-    async def run(self) -> None:
+    async def run(
+        self, wait_written: Callable[[float], Awaitable[None]], *, gather_s: float = 0.0
+    ) -> None:
+        """Send until cancelled; between rounds with nothing due, wait until events are
+        written (`wait_written`) or `_IDLE_S` passes. After a round that took less than
+        a batch, wait `gather_s` for more to gather: fewer, larger rounds."""
         while True:
-            if not await self.dispatch():
-                await self.outbox.wait_written(_IDLE_S)
+            taken = await self.dispatch()
+            if not taken:
+                await wait_written(_IDLE_S)
+            elif taken < _BATCH and gather_s:
+                await anyio.sleep(gather_s)
 
     async def dispatch(self) -> int:
         """Send what is due now; returns how many events were tried."""
@@ -106,7 +145,7 @@ class Dispatcher:
                 if taken:
                     by_channel[name] = taken
         except Exception as e:
-            self.metrics.ledger_errors.inc()
+            self.tally.count("ledger_error")
             log.error("cannot read the outbox", extra={"error": repr(e)[:300]})
             return 0
         async with anyio.create_task_group() as tg:
@@ -122,7 +161,7 @@ class Dispatcher:
                     now, self.owner, self.lease_s, limit=_DIGEST_MAX, channel=name, due_only=False
                 )
             except Exception as e:  # the digest holds what was taken; the rest comes later
-                self.metrics.ledger_errors.inc()
+                self.tally.count("ledger_error")
                 log.error("cannot read the outbox", extra={"error": repr(e)[:300]})
                 rest = []
             seen = {r.event_id for r in records}
@@ -147,15 +186,15 @@ class Dispatcher:
             record.attempts += 1
             if error is None:
                 record.state, record.sent_at, record.error = "sent", now, None
-                self.metrics.events_sent.labels(name).inc()
+                self.tally.count("sent", name)
                 continue
             record.error = error.message[:2000]
-            self.metrics.event_send_errors.labels(name).inc()
+            self.tally.count("send_error", name)
             if error.retryable and record.attempts < ch.max_attempts:
                 record.next_attempt_at = now + backoff(ch, record.attempts)
                 continue
             record.state = "failed"
-            self.metrics.events_failed.labels(name).inc()
+            self.tally.count("failed", name)
             log.error(
                 "event not sent, given up",
                 extra={"channel": name, "event_id": record.event_id, "error": record.error},
@@ -174,16 +213,17 @@ class Dispatcher:
         try:
             await self.ledger.outbox_done(records)
         except Exception as e:  # the lease runs out: they are sent again, same ids
-            self.metrics.ledger_errors.inc()
+            self.tally.count("ledger_error")
             log.error("cannot mark events sent", extra={"error": repr(e)[:300]})
 
-    async def show_backlog(self) -> None:
-        """`filedock_outbox_pending` and the oldest pending event's age, per channel."""
-        backlog = {name: (n, oldest) for name, n, oldest in await self.ledger.outbox_backlog()}
-        now = time.time()
-        for name in self.channels:
-            n, oldest = backlog.get(name, (0, None))
-            self.metrics.outbox_pending.labels(name).set(n)
-            self.metrics.outbox_oldest_age.labels(name).set(
-                max(0.0, now - oldest) if oldest is not None else 0.0
-            )
+
+async def show_backlog(ledger: Ledger, metrics: Metrics, channels: Sequence[str]) -> None:
+    """`filedock_outbox_pending` and the oldest pending event's age, per channel."""
+    backlog = {name: (n, oldest) for name, n, oldest in await ledger.outbox_backlog()}
+    now = time.time()
+    for name in channels:
+        n, oldest = backlog.get(name, (0, None))
+        metrics.outbox_pending.labels(name).set(n)
+        metrics.outbox_oldest_age.labels(name).set(
+            max(0.0, now - oldest) if oldest is not None else 0.0
+        )
