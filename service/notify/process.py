@@ -58,7 +58,7 @@ _RESTART_S = (1.0, 30.0)  # first and longest wait before starting it again
 _FLUSH_S = 0.5  # how often the child reports what it counted
 # After a round of fewer than a batch's events, the time given to more to gather: each
 # round is two ledger writes, which take the SQLite ledger's lock from the intake.
-_GATHER_S = 0.2
+_GATHER_S = 0.5
 _LINE_MAX = 1 << 20
 _PR_SET_PDEATHSIG = 1
 _channels = TypeAdapter(list[ChannelSettings])
@@ -161,6 +161,9 @@ class DispatcherProcess:
         return why, False
 
     async def _wake(self) -> None:
+        """A byte when events were written, at most one every `_GATHER_S`: the child
+        waits that long for more anyway, and each write costs this event loop a system
+        call and a wait for the GIL."""
         assert self.process is not None and self.process.stdin is not None
         while True:
             await self.outbox.wait_written(3600.0)
@@ -168,6 +171,7 @@ class DispatcherProcess:
                 await self.process.stdin.send(b"w")
             except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
                 return  # it ended: `run` sees it
+            await anyio.sleep(_GATHER_S)
 
     async def _read_reports(self) -> None:
         while (report := await self._next_report()) is not None:
