@@ -26,6 +26,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections import Counter
 from functools import partial
@@ -242,6 +243,10 @@ async def _child(spec: dict[str, Any], reports: _Reports) -> None:
     try:
         try:
             await ledger.open()
+            # Only this thread, the sender's, and those it starts from now on: the
+            # SQLite ledger's writer thread, started above, keeps the service's priority,
+            # so that it never holds the database's lock while it waits for a core.
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICE)
             await dispatcher.open()
         except ChannelError as e:
             reports.write({"error": e.message, "final": not e.retryable})
@@ -282,7 +287,6 @@ def _main() -> None:
     if hasattr(libc, "prctl"):
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     crash.kill_parent_too()  # a crash point here is the service's crash
-    os.nice(NICE)
     spec = orjson.loads(sys.stdin.buffer.readline())
     setup_logging(spec["log_level"])
     anyio.run(_child, spec, reports)
