@@ -81,8 +81,8 @@ class MetricsTally:
         if what == "ledger_error":
             m.ledger_errors.inc(n)
             return
-        counter = {"sent": m.events_sent, "send_error": m.event_send_errors}.get(what)
-        (counter or m.events_failed).labels(channel).inc(n)
+        counters = {"sent": m.events_sent, "send_error": m.event_send_errors}
+        counters.get(what, m.events_failed).labels(channel).inc(n)
 
 
 class Dispatcher:

@@ -22,6 +22,7 @@ same ids.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -127,7 +128,8 @@ class DispatcherProcess:
             return
         with anyio.CancelScope(shield=True):
             if process.stdin is not None:
-                await process.stdin.aclose()
+                with contextlib.suppress(OSError, anyio.BrokenResourceError):
+                    await process.stdin.aclose()
             with anyio.move_on_after(_STOP_S):
                 await process.wait()
                 return
