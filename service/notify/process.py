@@ -16,8 +16,8 @@ events in the ledger itself, exactly as the dispatcher does in the service's pro
 (`run --once`), and writes what it counted as JSON lines on its stdout, which the
 parent adds to its metrics; its logs go where the service's go. It dies with the
 service (`PR_SET_PDEATHSIG`), ends when its stdin closes, and is started again if it
-ends on its own: the events it had leased go out after their lease runs out, with the
-same ids.
+ends on its own: the next one takes under the same instance, so it sends at once the
+events its predecessor held, with the same ids.
 """
 
 from __future__ import annotations
