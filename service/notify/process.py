@@ -41,12 +41,15 @@ from pydantic import TypeAdapter
 
 from service import crash
 from service.errors import StartupError
+from service.face.logs import setup_logging
 from service.face.metrics import Metrics
+from service.ledger import ledger_for_url
 from service.notify.base import ChannelError
 from service.notify.dispatcher import Counted, Dispatcher, MetricsTally
 from service.notify.events import Outbox
 from service.settings import Settings
 from service.settings.notify import ChannelSettings
+from service.storage.fsutil import libc
 
 __all__ = ["NICE", "DispatcherProcess"]
 
@@ -224,8 +227,6 @@ class _Reports:
 
 
 async def _child(spec: dict[str, Any], reports: _Reports) -> None:
-    from service.ledger import ledger_for_url
-
     woken = anyio.Event()
 
     async def wait_written(timeout_s: float) -> None:
@@ -253,15 +254,15 @@ async def _child(spec: dict[str, Any], reports: _Reports) -> None:
         except ChannelError as e:
             reports.write({"error": e.message, "final": not e.retryable})
             return
-        except Exception as e:  # the ledger: the parent starts this again later
-            reports.write({"error": f"notify process: cannot open the ledger: {e!r}"[:500]})
+        except Exception as e:  # the ledger unreachable: the parent starts this again later
+            reports.write({"error": f"notify process: cannot start: {e!r}"[:500]})
             return
         reports.write({"ready": True})
         stdin = anyio.wrap_file(sys.stdin.buffer)
         async with anyio.create_task_group() as tg:
             tg.start_soon(reports.run)
             tg.start_soon(partial(dispatcher.run, wait_written, gather_s=_GATHER_S))
-            while await _read_some(stdin):  # a byte a wake-up; the end: stop
+            while await stdin.read1(4096):  # a byte a wake-up; the end: stop
                 woken.set()
             tg.cancel_scope.cancel()
     finally:
@@ -270,22 +271,13 @@ async def _child(spec: dict[str, Any], reports: _Reports) -> None:
             await ledger.close()
 
 
-async def _read_some(stdin: Any) -> bytes:
-    data: bytes = await stdin.read1(4096)
-    return data
-
-
 def _main() -> None:
-    from service.face.logs import setup_logging
-
     # fd 1 carries the reports; the logs (stdout, as in the service) go to its stderr,
     # which is the service's stdout.
     reports = _Reports(os.fdopen(os.dup(1), "wb"))
     os.dup2(2, 1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the service decides when this stops
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    from service.storage.fsutil import libc
-
     if hasattr(libc, "prctl"):
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     crash.kill_parent_too()  # a crash point here is the service's crash
