@@ -227,17 +227,11 @@ class _Reports:
 
 
 async def _child(spec: dict[str, Any], reports: _Reports) -> None:
-    woken = anyio.Event()
-
-    async def wait_written(timeout_s: float) -> None:
-        nonlocal woken
-        with anyio.move_on_after(timeout_s):
-            await woken.wait()
-        woken = anyio.Event()
-
+    channels = _channels.validate_python(spec["channels"])
+    outbox = Outbox(channels)  # here only its wake-up: the parent's bytes set it
     ledger = ledger_for_url(spec["ledger_url"])
     dispatcher = Dispatcher(
-        _channels.validate_python(spec["channels"]),
+        channels,
         ledger,
         reports,
         lease_s=spec["lease_s"],
@@ -261,9 +255,9 @@ async def _child(spec: dict[str, Any], reports: _Reports) -> None:
         stdin = anyio.wrap_file(sys.stdin.buffer)
         async with anyio.create_task_group() as tg:
             tg.start_soon(reports.run)
-            tg.start_soon(partial(dispatcher.run, wait_written, gather_s=_GATHER_S))
+            tg.start_soon(partial(dispatcher.run, outbox.wait_written, gather_s=_GATHER_S))
             while await stdin.read1(4096):  # a byte a wake-up; the end: stop
-                woken.set()
+                outbox.written()
             tg.cancel_scope.cancel()
     finally:
         with anyio.CancelScope(shield=True):
