@@ -1,12 +1,13 @@
 """Notifications: a 10,000-file burst with a webhook on every `done`, against the same
 burst without notifications, interleaved in one run (issue "Notifications").
 
-    .venv/bin/python bench/bench_notify.py            # 10,000 files, 3 rounds of A then B
+    .venv/bin/python bench/bench_notify.py            # 10,000 files, 3 rounds of A and B
     .venv/bin/python bench/bench_notify.py --quick    # smoke: 300 files, 1 round, < 1 min
     .venv/bin/python bench/bench_notify.py --files 5000 --rounds 5
 
-Each round runs both contenders in turn, each on a fresh root on a settled file system
-(`sync`, and as root the caches dropped, as bench/run.py does):
+Each round runs both contenders in turn (A first in even rounds, B first in odd ones),
+each on a fresh root on a settled file system (`sync`, and as root the caches dropped,
+as bench/run.py does):
 
 - A, `plain`: filedock with the benchmark's configuration (`Filedock` in
   bench/fdbench/contenders.py: one route, the `bench_importers:read_once` Python
@@ -14,7 +15,7 @@ Each round runs both contenders in turn, each on a fresh root on a settled file 
 - B, `webhook`: the same, plus `notify: [{name: hooks, kind: webhook, url:
   http://127.0.0.1:PORT/events, secret: {env: HOOK_SECRET}}]` (the channel's defaults
   otherwise: concurrency 8, timeout 30 s). The receiver is a separate process
-  (this file with `--serve-receiver`: aiohttp's low-level server on loopback) that
+  (this file with `--serve-receiver`: aiohttp's low-level server on uvloop, on loopback) that
   answers 204 at once, records when each `webhook-id` first arrived (`time.time()`),
   and keeps the headers and body of every `--sample-every`-th request and of the last
   one; those are checked with `standardwebhooks.Webhook(secret).verify` afterwards.
@@ -72,6 +73,7 @@ def serve_receiver(port: int, sample_every: int) -> None:
     GET /stats returns the arrivals, the duplicates and the sampled requests."""
     import asyncio
 
+    import uvloop
     from aiohttp import web
 
     first: dict[str, float] = {}
@@ -120,7 +122,8 @@ def serve_receiver(port: int, sample_every: int) -> None:
         await stop.wait()
         await runner.cleanup()
 
-    asyncio.run(main())
+    # uvloop: a third less CPU a request than asyncio's loop, CPU taken from the burst.
+    uvloop.run(main())
 
 
 class Receiver:
@@ -180,6 +183,32 @@ def verify_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # -- the runs --------------------------------------------------------------------------
+
+
+def _cpu_by_process(pid: int) -> dict[str, float]:
+    """CPU seconds of the service and each of its live descendants, by what it runs
+    (`service`, `archive worker`, `notify process`), to tell where an event's cost goes."""
+    from fdbench.common import CLK_TCK, process_tree
+
+    out: dict[str, float] = {}
+    for p in process_tree(pid):
+        try:
+            with open(f"/proc/{p}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                cmd = f.read()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if p == pid:
+            what = "service"
+        elif b"service.notify.process" in cmd:
+            what = "notify process"
+        elif b"to_process" in cmd:
+            what = "archive worker"
+        else:
+            what = "other"
+        out[what] = out.get(what, 0.0) + sum(int(x) for x in fields[11:13]) / CLK_TCK
+    return out
 
 
 def _when(v: Any) -> float | None:
@@ -265,7 +294,7 @@ def one_run(ctx: Any, args: argparse.Namespace, who: str, r: int) -> dict[str, A
                     "100",
                     "--subprocesses",
                     "--threads",
-                    "--idle",
+                    *([] if args.py_spy_busy else ["--idle"]),
                     "--nonblocking",
                     "--format",
                     "raw",
@@ -278,6 +307,7 @@ def one_run(ctx: Any, args: argparse.Namespace, who: str, r: int) -> dict[str, A
         fd.wait_ready()
         time.sleep(1.0)
         cpu0 = fd.cpu()
+        by0 = _cpu_by_process(fd.pid)
         rcpu0 = receiver.cpu() if receiver else 0.0
         t0, t_renamed, _ = rename_all(staging, fd.transfer, names)
         done = fd.wait_done(n, timeout=n / 20 + 120)
@@ -291,6 +321,7 @@ def one_run(ctx: Any, args: argparse.Namespace, who: str, r: int) -> dict[str, A
                 time.sleep(0.1)
             out["events_all_sent_seen_at"] = time.time()
         cpu1 = fd.cpu()
+        by1 = _cpu_by_process(fd.pid)
         rcpu1 = receiver.cpu() if receiver else 0.0
         if spy_ext is not None:
             spy_ext.send_signal(signal.SIGINT)
@@ -312,6 +343,7 @@ def one_run(ctx: Any, args: argparse.Namespace, who: str, r: int) -> dict[str, A
             "rename_s": t_renamed - t0,
             "cpu_ms_per_file": (done["cpu_s"] - cpu0) * 1000 / n,
             "cpu_s_to_all_sent": cpu1 - cpu0,
+            "cpu_s_by_process": {k: round(v - by0.get(k, 0.0), 2) for k, v in by1.items()},
             "exit_code": rc,
             "verify": verdict,
             "last_done": end,
@@ -396,6 +428,13 @@ def summarize(runs: dict[str, list[dict[str, Any]]], n: int) -> dict[str, Any]:
         "received_by_last_done": summary([e["received_by_last_done"] for e in evs]),
         "events_per_s_while_sending": summary([e["events_per_s_while_sending"] for e in evs]),
         "receiver_cpu_s": summary([e["receiver_cpu_s"] for e in evs]),
+        "cpu_s_by_process": {
+            k: {
+                what: summary([r["cpu_s_by_process"].get(what, 0.0) for r in v])
+                for what in sorted({w for r in v for w in r["cpu_s_by_process"]})
+            }
+            for k, v in runs.items()
+        },
         "all_events_delivered": delivered_all,
         "signatures": {
             "checked": sum(e["signatures"]["checked"] for e in evs),
@@ -449,6 +488,11 @@ def table(s: dict[str, Any]) -> str:
         f"| events received by the last done | {fmt(s['received_by_last_done'])} |",
         f"| events/s, first to last arrival | {fmt(s['events_per_s_while_sending'])} |",
         f"| receiver CPU s | {fmt(s['receiver_cpu_s'], 2)} |",
+        *(
+            f"| CPU s to all sent, {who}: {what} | {fmt(v, 2)} |"
+            for who, by in s["cpu_s_by_process"].items()
+            for what, v in by.items()
+        ),
         f"| signatures verified (sampled) | {sig['verified']}/{sig['checked']} |",
         "",
         "| target | measured | result |",
@@ -498,6 +542,11 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         default=None,
         help="record a py-spy profile (raw, --idle) of each run here",
+    )
+    ap.add_argument(
+        "--py-spy-busy",
+        action="store_true",
+        help="profile only the samples where a thread runs (py-spy without --idle)",
     )
     ap.add_argument("--py-spy", type=Path, default=Path("/tmp/spyenv/bin/py-spy"))
     ap.add_argument("--py-spy-for", default="plain,webhook", help="which contenders to profile")
@@ -553,7 +602,9 @@ def main(argv: list[str] | None = None) -> int:
     t_all = time.monotonic()
     try:
         for r in range(args.rounds):
-            for who in ("plain", "webhook"):
+            # A then B in even rounds, B then A in odd ones: a drift of the host over a
+            # run (its caches, other work) weighs on both alike.
+            for who in ("plain", "webhook")[:: 1 if r % 2 == 0 else -1]:
                 res = one_run(ctx, args, who, r)
                 runs[who].append(res)
                 print(f"  round {r + 1}/{args.rounds} {who}: {_brief(res)}", flush=True)
