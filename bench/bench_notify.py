@@ -1,7 +1,7 @@
 """Notifications: a 10,000-file burst with a webhook on every `done`, against the same
 burst without notifications, interleaved in one run (issue "Notifications").
 
-    .venv/bin/python bench/bench_notify.py            # 10,000 files, 3 rounds of A and B
+    .venv/bin/python bench/bench_notify.py            # 10,000 files, 8 rounds of A and B
     .venv/bin/python bench/bench_notify.py --quick    # smoke: 300 files, 1 round, < 1 min
     .venv/bin/python bench/bench_notify.py --files 5000 --rounds 5
 
@@ -58,7 +58,7 @@ REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
 SECRET = "whsec_" + base64.b64encode(b"filedock-bench-notify-secret-0123").decode()
-FULL = {"files": 10_000, "rounds": 3}
+FULL = {"files": 10_000, "rounds": 8}
 QUICK = {"files": 300, "rounds": 1}
 RATIO_BOUND = 0.9
 LAG_BOUND_S = 10.0
@@ -519,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke: 300 files, 1 round")
     ap.add_argument("--files", type=int, default=None, help="files a burst (default 10,000)")
-    ap.add_argument("--rounds", type=int, default=None, help="A/B rounds (default 3)")
+    ap.add_argument("--rounds", type=int, default=None, help="A/B rounds (default 8)")
     ap.add_argument("--sample-every", type=int, default=100, help="keep 1 request in N to verify")
     ap.add_argument(
         "--event-timeout-s",
