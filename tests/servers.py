@@ -189,11 +189,18 @@ def _served(process: ServerProcess) -> Iterator[ServerProcess]:
 
 @contextmanager
 def sftp_server(
-    base: Path, serve: Path, *, read_only: bool = False, max_sessions: int = 10
+    base: Path,
+    serve: Path,
+    *,
+    read_only: bool = False,
+    max_sessions: int = 10,
+    ciphers: str | None = None,
+    log_level: str = "INFO",
 ) -> Iterator[SftpServer]:
     """OpenSSH's sshd, run as the current user, offering only internal-sftp in `serve`
     (`read_only`: internal-sftp -R, which refuses every write; `max_sessions`: its
-    MaxSessions, the channels one connection may open).
+    MaxSessions, the channels one connection may open; `ciphers`: its Ciphers, the
+    only ones it negotiates; `log_level`: DEBUG1 logs each connection's ciphers).
 
     An unprivileged sshd authenticates only the user it runs as; as root it needs
     `/run/sshd` (its privilege-separation folder).
@@ -208,8 +215,9 @@ def sftp_server(
         f"PidFile {home / 'sshd.pid'}\nAuthorizedKeysFile {home / 'authorized_keys'}\n"
         "StrictModes no\nUsePAM yes\nPasswordAuthentication no\n"
         "KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n"
-        f"MaxSessions {max_sessions}\nSubsystem sftp internal-sftp\n"
-        f"ForceCommand internal-sftp {'-R ' if read_only else ''}-d {serve}\n"
+        f"LogLevel {log_level}\nMaxSessions {max_sessions}\nSubsystem sftp internal-sftp\n"
+        + (f"Ciphers {ciphers}\n" if ciphers else "")
+        + f"ForceCommand internal-sftp {'-R ' if read_only else ''}-d {serve}\n"
     )
     if os.geteuid() == 0:
         os.makedirs("/run/sshd", exist_ok=True)

@@ -585,3 +585,26 @@ async def test_more_deliveries_than_the_server_takes_sessions_open_more_connecti
         for n, it in enumerate(items):
             assert (folder / f"n/{n}.bin").read_bytes() == it.path.read_bytes()
         assert 3 <= server.logins() <= 6  # two sessions a connection: at least three
+
+
+@pytest.mark.parametrize(
+    ("offered", "negotiated"),
+    [
+        (None, "aes128-gcm@openssh.com"),  # sshd's defaults: AES-GCM, cheaper here
+        ("chacha20-poly1305@openssh.com", "chacha20-poly1305@openssh.com"),
+        ("aes256-ctr", "aes256-ctr"),
+    ],
+)
+async def test_aes_gcm_is_preferred_and_any_default_cipher_the_server_offers_works(
+    tmp_path: Path, offered: str | None, negotiated: str
+) -> None:
+    folder = tmp_path / "served"
+    folder.mkdir()
+    with sftp_server(tmp_path, folder, ciphers=offered, log_level="DEBUG1") as server:
+        served = Served("openssh", server, folder)
+        async with opened(settings(served, ".", tmp_path)) as sink:
+            await sink.deliver(item(tmp_path, "a.csv", b"x\n"))
+        assert (folder / "a.csv").read_bytes() == b"x\n"
+        assert server.process is not None
+        log = server.process.log.read_text(errors="replace")
+        assert f"kex: client->server cipher: {negotiated}" in log

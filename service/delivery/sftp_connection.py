@@ -44,6 +44,18 @@ GONE = (
 )
 _CLOSE_S = 10.0
 _KEEPALIVE_S = 30.0
+# asyncssh's default ciphers, AES-GCM first: asyncssh builds a new cipher object for each
+# chacha20-poly1305 packet and reuses one for AES-GCM, which OpenSSL runs on the CPU's
+# AES instructions: half the CPU for a large upload (docs/benchmarks.md, "Delivery over
+# SFTP"). A server that offers no AES-GCM negotiates the next one it has.
+_CIPHERS = (
+    "aes128-gcm@openssh.com",
+    "aes256-gcm@openssh.com",
+    "chacha20-poly1305@openssh.com",
+    "aes256-ctr",
+    "aes192-ctr",
+    "aes128-ctr",
+)
 
 
 class _HostKeys(asyncssh.SSHClient):
@@ -99,6 +111,7 @@ class Connection:
             known_hosts=known,
             config=None,
             agent_path=None,
+            encryption_algs=list(_CIPHERS),
             connect_timeout=min(s.timeout_s, 30.0),
             keepalive_interval=_KEEPALIVE_S,
         )
