@@ -55,6 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--window", type=float, default=10.0, help="backlog: seconds watched")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--floor", action="store_true", help="burst: run the three floors too")
+    ap.add_argument(
+        "--dirty-mb",
+        type=int,
+        default=0,
+        help="burst: staged files left dirty, and this much written beside each run",
+    )
     ap.add_argument("--workdir", type=Path, default=Path("/var/tmp"))
     ap.add_argument("--results", type=Path, default=REPO / "bench" / "results")
     args = ap.parse_args(argv)
@@ -77,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         idle_unrouted=0,
         peer_sustained=False,
         peer_big=False,
+        dirty_mb=args.dirty_mb,
         log=lambda m: print(m, flush=True),
     )
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _, _ in variants}
@@ -128,11 +135,13 @@ def _one(ctx: scenarios.Ctx, args: argparse.Namespace, r: int, name: str, extra:
             res = scenarios._backlog_run(ctx, work, f"{name}-{r}")
         else:
             n = args.files if args.scenario == "burst" else int(args.rate * args.seconds)
-            names, sources = scenarios._stage(work / "staging", n, 1024, hashes=True)
+            busy = args.scenario == "burst" and ctx.dirty_mb > 0
+            names, sources = scenarios._stage(work / "staging", n, 1024, hashes=True, sync=not busy)
             if args.scenario == "burst":
-                res = scenarios._burst_filedock(
-                    ctx, work, work / "staging", names, sources, f"{name}-{r}", rss=True
-                )
+                with scenarios.dirty_beside(work, ctx.dirty_mb if busy else 0):
+                    res = scenarios._burst_filedock(
+                        ctx, work, work / "staging", names, sources, f"{name}-{r}", rss=True
+                    )
             else:
                 res = scenarios._sustained_filedock(
                     ctx, work, work / "staging", names, sources, f"{name}-{r}"
@@ -145,8 +154,10 @@ def _one(ctx: scenarios.Ctx, args: argparse.Namespace, r: int, name: str, extra:
 
 def _floor(ctx: scenarios.Ctx, n: int, r: int, kind: str) -> dict[str, Any]:
     work = ctx.fresh(f"{kind}-{r}")
-    names, _ = scenarios._stage(work / "staging", n, 1024, hashes=False)
-    res = scenarios._burst_floor(work, work / "staging", names, kind)
+    busy = ctx.dirty_mb > 0
+    names, _ = scenarios._stage(work / "staging", n, 1024, hashes=False, sync=not busy)
+    with scenarios.dirty_beside(work, ctx.dirty_mb):
+        res = scenarios._burst_floor(work, work / "staging", names, kind, sync=not busy)
     ctx.clean(work)
     return res
 

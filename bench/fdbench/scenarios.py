@@ -9,7 +9,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,18 +159,26 @@ def _stage(
     return names, sources
 
 
-def _dirty_writer(path: Path, mib: int) -> threading.Thread:
-    """Write `mib` MiB into `path` in a thread, never synced: another upload being written."""
+@contextlib.contextmanager
+def dirty_beside(work: Path, mib: int) -> Iterator[None]:
+    """While the block runs, write `mib` MiB into a file of `work` in a thread, never
+    synced: another upload being written (nothing when `mib` is 0)."""
+    if not mib:
+        yield
+        return
 
     def write() -> None:
         block = os.urandom(1 << 20)
-        with path.open("wb") as f:
+        with (work / "other-upload.bin").open("wb") as f:
             for _ in range(mib):
                 f.write(block)
 
     thread = threading.Thread(target=write, name="dirty-writer", daemon=True)
     thread.start()
-    return thread
+    try:
+        yield
+    finally:
+        thread.join()
 
 
 def _rounds(
@@ -189,10 +197,8 @@ def _rounds(
             staging = work / "staging"
             busy = ctx.dirty_mb > 0
             names, sources = _stage(staging, n, 1024, hashes=who == "filedock", sync=not busy)
-            writer = _dirty_writer(work / "other-upload.bin", ctx.dirty_mb) if busy else None
-            res = measure(who, work, staging, names, sources, r)
-            if writer is not None:
-                writer.join()
+            with dirty_beside(work, ctx.dirty_mb):
+                res = measure(who, work, staging, names, sources, r)
             res["loadavg_1m"] = os.getloadavg()[0]
             runs[who].append(res)
             ctx.log(f"  {scenario} run {r + 1}/{ctx.runs} {who}: {describe(res)}")

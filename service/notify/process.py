@@ -57,8 +57,7 @@ __all__ = ["DispatcherProcess"]
 log = logging.getLogger("filedock.notify")
 # The sending thread's CPU priority is the kernel's lowest, `SCHED_IDLE`: a thread of
 # the intake that wakes takes the core from it at once, where a nice +19 thread may
-# finish its time slice first. Where that policy is refused, nice +19 is added to
-# the service's niceness.
+# finish its time slice first. Where that policy is refused, it runs at nice +19.
 _NICE = 19
 _OPEN_TIMEOUT_S = 60.0  # the channels' first connections (a broker's TLS, a login)
 _STOP_S = 5.0  # after its stdin closes, before it is killed
