@@ -45,6 +45,9 @@ def test_the_service_sends_from_its_own_process_at_a_lower_priority(
     # The sending thread (the child's main thread) yields the CPU to the intake's.
     assert os.sched_getscheduler(child) == os.SCHED_IDLE
     assert os.sched_getscheduler(service.proc.pid) == os.SCHED_OTHER
+    # Its SQLite writer thread keeps the service's policy: never starved holding the lock.
+    threads = [int(tid) for tid in os.listdir(f"/proc/{child}/task")]
+    assert os.SCHED_OTHER in {os.sched_getscheduler(tid) for tid in threads}
     tree.drop("a.csv", b"fine\n")
     wait_for(lambda: len(hooks.accepted) == 1, timeout=30, what="the event of a.csv")
     assert hooks.accepted[0].doc["subject"] == "main/a.csv"
