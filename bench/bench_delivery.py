@@ -66,6 +66,7 @@ from fdbench.common import (  # noqa: E402
     mem_kib,
     process_tree,
     settle_fs,
+    stat_cpu,
     summary,
 )
 from fdbench.contenders import Filedock  # noqa: E402
@@ -467,11 +468,9 @@ def _cpu_split(pid: int) -> dict[str, float]:
             continue
         for t in tasks:
             try:
-                with open(f"/proc/{p}/task/{t}/stat", "rb") as f:
-                    fields = f.read().rsplit(b")", 1)[1].split()
+                cpu = stat_cpu(f"/proc/{p}/task/{t}/stat")
             except OSError:
                 continue
-            cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
             if p != pid:
                 out["children"] += cpu
             else:
@@ -482,9 +481,7 @@ def _cpu_split(pid: int) -> dict[str, float]:
 def _cpu_of(pid: int | None) -> float:
     if pid is None:
         return 0.0
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        fields = f.read().rsplit(b")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return stat_cpu(f"/proc/{pid}/stat")
 
 
 def _weed_pid() -> int | None:

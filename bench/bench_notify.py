@@ -188,13 +188,12 @@ def verify_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
 def _cpu_by_process(pid: int) -> dict[str, float]:
     """CPU seconds of the service and each of its live descendants, by what it runs
     (`service`, `archive worker`, `notify process`), to tell where an event's cost goes."""
-    from fdbench.common import CLK_TCK, process_tree
+    from fdbench.common import process_tree, stat_cpu
 
     out: dict[str, float] = {}
     for p in process_tree(pid):
         try:
-            with open(f"/proc/{p}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
+            cpu = stat_cpu(f"/proc/{p}/stat")
             with open(f"/proc/{p}/cmdline", "rb") as f:
                 cmd = f.read()
         except (FileNotFoundError, ProcessLookupError):
@@ -207,7 +206,7 @@ def _cpu_by_process(pid: int) -> dict[str, float]:
             what = "archive worker"
         else:
             what = "other"
-        out[what] = out.get(what, 0.0) + sum(int(x) for x in fields[11:13]) / CLK_TCK
+        out[what] = out.get(what, 0.0) + cpu
     return out
 
 

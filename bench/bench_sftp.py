@@ -82,6 +82,7 @@ from fdbench.common import (  # noqa: E402
     mem_kib,
     process_tree,
     settle_fs,
+    stat_cpu,
 )
 from fdbench.contenders import Filedock  # noqa: E402
 from fdbench.report import fmt  # noqa: E402
@@ -163,14 +164,11 @@ class ServerCpu:
 
     def _now(self) -> dict[int, float]:
         out = {}
-        tick = os.sysconf("SC_CLK_TCK")
         for p in process_tree(self.pid):
             try:
-                with open(f"/proc/{p}/stat", "rb") as f:
-                    fields = f.read().rsplit(b")", 1)[1].split()
+                out[p] = stat_cpu(f"/proc/{p}/stat")
             except OSError:
                 continue
-            out[p] = (int(fields[11]) + int(fields[12])) / tick
         return out
 
     def sample(self) -> None:

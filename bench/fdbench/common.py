@@ -87,20 +87,27 @@ def process_tree(pid: int) -> list[int]:
     return out
 
 
+def stat_cpu(stat: str, *, reaped: bool = False) -> float:
+    """CPU seconds (user + system) in a `/proc/P/stat` or `/proc/P/task/T/stat` file;
+    with `reaped`, plus what its reaped children left (cutime, cstime). `OSError` when
+    the process is gone."""
+    with open(stat, "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    # after the comm field: state is fields[0]; utime, stime, cutime, cstime are stat
+    # fields 14 to 17
+    return sum(int(x) for x in fields[11 : 15 if reaped else 13]) / CLK_TCK
+
+
 def cpu_seconds(pid: int) -> float:
     """CPU time (user + system) of a process and its descendants: the live ones' own,
     and what the reaped ones left in their parent's cutime and cstime."""
-    total = 0
+    total = 0.0
     for p in process_tree(pid):
         try:
-            with open(f"/proc/{p}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
+            total += stat_cpu(f"/proc/{p}/stat", reaped=True)
         except (FileNotFoundError, ProcessLookupError):
             continue
-        # after the comm field: state is fields[0]; utime, stime, cutime, cstime are
-        # stat fields 14 to 17
-        total += sum(int(x) for x in fields[11:15])
-    return total / CLK_TCK
+    return total
 
 
 def mem_kib(pid: int) -> dict[str, int]:
