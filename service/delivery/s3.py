@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import re
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -32,10 +33,11 @@ from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError, Par
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from service.delivery.base import Item, Receipt, Sink, SinkError, modified, unreadable
-from service.delivery.s3_parts import Multipart, error_code, fill, hash_into
+from service.delivery.s3_parts import Multipart, error_code
 from service.settings.sinks import S3Sink
 
 if TYPE_CHECKING:
+    from aiofiles.threadpool.binary import AsyncBufferedReader
     from types_aiobotocore_s3 import S3Client
     from types_aiobotocore_s3 import type_defs as t
     from types_aiobotocore_s3.literals import StorageClassType
@@ -279,6 +281,25 @@ class S3Delivery(Sink):
         else:
             return
         raise SinkError("checksum_mismatch", f"{self.location(item)}: {problem}", retryable=True)
+
+
+async def fill(f: AsyncBufferedReader, size: int) -> io.BytesIO | None:
+    """The next `size` bytes of `f` in a BytesIO of their own, or None if `f` ends first.
+
+    aiohttp wants a large body as a BytesIO (it warns about raw bytes) and takes its
+    `getbuffer()`, which copies the bytes while anything else holds them: so they are
+    read in place into the buffer of a BytesIO that alone owns it.
+    """
+    body = io.BytesIO(bytes(size))
+    view, got = body.getbuffer(), 0
+    while got < size and (n := await f.readinto(view[got:])):
+        got += n
+    return body if got == size else None
+
+
+def hash_into(body: io.BytesIO, *hashes: hashlib._Hash) -> None:
+    for h in hashes:
+        h.update(body.getbuffer())
 
 
 def _file_digests(path: Path) -> tuple[str, str]:

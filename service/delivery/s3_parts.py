@@ -1,9 +1,17 @@
 """An S3 multipart upload of one item: what the S3 sink sends for a large file.
 
-Leftovers of the key (a crashed attempt's unfinished uploads) are aborted first;
-parts are read one at a time, so one part is in memory; each part is hashed (and
-carries its SHA-256 where the sink sends checksums) and the whole file's SHA-256 is
-checked before the upload is completed, so a changed file never becomes an object.
+Leftovers of the key (a crashed attempt's unfinished uploads) are aborted first. Each
+part is streamed from the file (`FileWindow`), never held in memory whole: a 1 GiB
+upload costs the service a few MiB, not a part. The whole file's SHA-256 is checked
+before the upload is completed, so a changed file never becomes an object:
+
+- with `checksum: sha256` each part is read and hashed first (the file's SHA-256 and
+  the part's), and the part goes with its SHA-256, which the store checks against the
+  bytes it receives: what it holds is what was hashed;
+- with `checksum: none` the store checks nothing, so the file's SHA-256 is taken from
+  the bytes as they are sent (`FileWindow` hashes every pass over a part; the last is
+  the one aiohttp sent).
+
 Any failure aborts the upload.
 """
 
@@ -12,31 +20,32 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
-from typing import TYPE_CHECKING, Any, cast
+import os
+from typing import IO, TYPE_CHECKING, Any, cast
 
 import aiofiles
 import anyio
 from botocore.exceptions import ClientError
 
 from service.crash import crash_point
-from service.delivery.base import Item, modified
+from service.delivery.base import Item, SinkError, modified
 
 if TYPE_CHECKING:
-    from aiofiles.threadpool.binary import AsyncBufferedReader
     from types_aiobotocore_s3 import S3Client
     from types_aiobotocore_s3 import type_defs as t
     from types_aiobotocore_s3.literals import StorageClassType
 
     from service.settings.sinks import S3Sink
 
-__all__ = ["Multipart", "error_code", "fill", "hash_into"]
+__all__ = ["FileWindow", "Multipart", "error_code"]
 
 _ABORT_TIMEOUT_S = 30.0
+_CHUNK = 256 << 10  # what a pass over a part reads at a time (aiohttp reads as much)
 
 
 class Multipart:
-    """One multipart upload of an item: leftovers of the key aborted first, parts read
-    one at a time (one part in memory), and the upload aborted on any failure."""
+    """One multipart upload of an item: leftovers of the key aborted first, each part
+    streamed from the file, and the upload aborted on any failure."""
 
     def __init__(self, settings: S3Sink, client: S3Client, key: str, item: Item) -> None:
         self.settings, self.client, self.key, self.item = settings, client, key, item
@@ -78,36 +87,44 @@ class Multipart:
 
     async def send_parts(self, upload_id: str) -> list[t.CompletedPartTypeDef]:
         item, part_size = self.item, self.settings.part_size_bytes
-        whole, read = hashlib.sha256(), 0
+        whole = hashlib.sha256()
         parts: list[t.CompletedPartTypeDef] = []
         async with aiofiles.open(item.path, "rb") as f:
-            while read < item.size:
-                body = await fill(f, min(part_size, item.size - read))
-                if body is None:
-                    raise modified(item, "another size")
-                read += body.getbuffer().nbytes
-                part = hashlib.sha256() if self.checksum else None
-                await anyio.to_thread.run_sync(hash_into, body, whole, part)
-                parts.append(await self.send_part(upload_id, len(parts) + 1, body, part))
-                item.sent(body.getbuffer().nbytes)
+            fd = f.fileno()
+            for start in range(0, item.size, part_size):
+                length = min(part_size, item.size - start)
+                if self.checksum:
+                    part = hashlib.sha256()
+                    await anyio.to_thread.run_sync(hash_range, item, fd, start, length, whole, part)
+                    body = FileWindow(fd, start, length)
+                else:
+                    part, body = None, FileWindow(fd, start, length, whole)
+                try:
+                    parts.append(await self.send_part(upload_id, len(parts) + 1, body, part))
+                except Exception:
+                    if body.short:
+                        raise modified(item, "fewer bytes") from None
+                    raise
+                if not self.checksum:
+                    whole = body.followed(item)[0]
+                item.sent(length)
                 crash_point("mid_delivery")  # parts uploaded, the object not yet whole
-                del body  # before the next part is read: one part in memory, not two
-            if await f.read(1):
+            if await anyio.to_thread.run_sync(os.pread, fd, 1, item.size):
                 raise modified(item, "another size")
         if whole.hexdigest() != item.sha256:
             raise modified(item, f"sha256 {whole.hexdigest()}")
         return parts
 
     async def send_part(
-        self, upload_id: str, number: int, body: io.BytesIO, sha: hashlib._Hash | None
+        self, upload_id: str, number: int, body: FileWindow, sha: hashlib._Hash | None
     ) -> t.CompletedPartTypeDef:
         args: t.UploadPartRequestTypeDef = {
             "Bucket": self.bucket,
             "Key": self.key,
             "UploadId": upload_id,
             "PartNumber": number,
-            "Body": body,
-            "ContentLength": body.getbuffer().nbytes,
+            "Body": cast("IO[bytes]", body),  # an io.RawIOBase: what botocore and aiohttp read
+            "ContentLength": body.length,
         }
         if sha is not None:
             args["ChecksumSHA256"] = base64.b64encode(sha.digest()).decode()
@@ -139,23 +156,82 @@ class Multipart:
                 raise
 
 
-async def fill(f: AsyncBufferedReader, size: int) -> io.BytesIO | None:
-    """The next `size` bytes of `f` in a BytesIO of their own, or None if `f` ends first.
+class FileWindow(io.RawIOBase):
+    """`length` bytes of an open file from `start`, as a request body read straight
+    from the file with `pread` (the file's own offset is left alone).
 
-    aiohttp wants a large body as a BytesIO (it warns about raw bytes) and takes its
-    `getbuffer()`, which copies the bytes while anything else holds them: so they are
-    read in place into the buffer of a BytesIO that alone owns it.
+    botocore reads a body once to sign it (over plain `http://`) and aiohttp once more
+    to send it, each pass from the start. Every pass hashes what it reads into copies
+    of `seeds` (the hashes of what came before the window): after the request,
+    `followed` gives the hashes of the last whole pass, the bytes that were sent.
+    `short` says the file ended early: it shrank since its claim.
+
+    A read returns at most `_CHUNK` bytes, whatever it is asked for (botocore asks a
+    MiB): each read is a new `bytes`, and glibc keeps the freed heap of larger
+    ones, which an idle service holds on to.
     """
-    body = io.BytesIO(bytes(size))
-    view, got = body.getbuffer(), 0
-    while got < size and (n := await f.readinto(view[got:])):
-        got += n
-    return body if got == size else None
+
+    def __init__(self, fd: int, start: int, length: int, *seeds: hashlib._Hash) -> None:
+        super().__init__()
+        self.fd, self.start, self.length = fd, start, length
+        self.seeds, self.short = seeds, False
+        self.pos = 0
+        self.hashes = [h.copy() for h in seeds]
+        self.hashed = 0  # how far from the start `hashes` follow the bytes read
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.length}[whence]
+        self.pos = max(0, base + offset)
+        if self.pos == 0:  # a new pass
+            self.hashes, self.hashed = [h.copy() for h in self.seeds], 0
+        return self.pos
+
+    def read(self, size: int | None = -1) -> bytes:
+        n = self.length - self.pos
+        if size is not None and size >= 0:
+            n = min(n, size)
+        if n <= 0:
+            return b""
+        chunk = os.pread(self.fd, min(n, _CHUNK), self.start + self.pos)
+        if not chunk:
+            self.short = True
+            raise OSError(f"the file ended {self.length - self.pos} bytes early")
+        if self.pos == self.hashed:
+            for h in self.hashes:
+                h.update(chunk)
+            self.hashed += len(chunk)
+        self.pos += len(chunk)
+        return chunk
+
+    def followed(self, item: Item) -> list[hashlib._Hash]:
+        """The hashes of the last whole pass over the window."""
+        if self.hashed != self.length:
+            what = f"{item.path}: the bytes sent were not all read in one pass"
+            raise SinkError("sink_error", what, retryable=True)
+        return self.hashes
 
 
-def hash_into(body: io.BytesIO, *hashes: hashlib._Hash | None) -> None:
-    for h in filter(None, hashes):
-        h.update(body.getbuffer())
+def hash_range(item: Item, fd: int, start: int, length: int, *hashes: hashlib._Hash) -> None:
+    """Hash `length` bytes of the file from `start` into each of `hashes`, `_CHUNK` at a
+    time through one buffer (in a worker thread)."""
+    buffer = bytearray(min(_CHUNK, length))
+    view, done = memoryview(buffer), 0
+    while done < length:
+        got = os.preadv(fd, [view[: min(len(view), length - done)]], start + done)
+        if got == 0:
+            raise modified(item, "fewer bytes")
+        for h in hashes:
+            h.update(view[:got])
+        done += got
 
 
 def error_code(e: ClientError) -> str:
