@@ -241,7 +241,7 @@ def vet(path: bytes, *, max_size: int | None, want_hash: bool) -> Vetted:
                 "too_large", f"the file has {fst.st_size} bytes, over max_size_bytes={max_size}"
             )
         with no_writer(fd):
-            digest = _sha256_fd(fd) if want_hash else None
+            digest = _sha256_fd(fd, fst.st_size) if want_hash else None
         return Vetted(fst.st_size, fst.st_mtime_ns, digest)
     finally:
         os.close(fd)
@@ -286,10 +286,15 @@ def _check_type(st: os.stat_result) -> None:
     raise JobError("not_regular_file", f"{what}, not a regular file: never opened")
 
 
-def _sha256_fd(fd: int) -> str:
+def _sha256_fd(fd: int, size: int) -> str:
+    """The file's SHA-256, read through one buffer no larger than the file (`size`
+    bytes, one more to see its end): `os.read` would allocate `_CHUNK` for every read,
+    a 1 KiB file's too."""
     h = hashlib.sha256()
-    while chunk := os.read(fd, _CHUNK):
-        h.update(chunk)
+    buffer = bytearray(min(_CHUNK, size + 1))
+    view = memoryview(buffer)
+    while n := os.readv(fd, [buffer]):
+        h.update(view[:n])
     return h.hexdigest()
 
 
