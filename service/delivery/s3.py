@@ -24,7 +24,6 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-import aiofiles
 import aiohttp
 import anyio
 from aiobotocore.config import AioConfig
@@ -37,7 +36,6 @@ from service.delivery.s3_parts import Multipart, error_code
 from service.settings.sinks import S3Sink
 
 if TYPE_CHECKING:
-    from aiofiles.threadpool.binary import AsyncBufferedReader
     from types_aiobotocore_s3 import S3Client
     from types_aiobotocore_s3 import type_defs as t
     from types_aiobotocore_s3.literals import StorageClassType
@@ -232,14 +230,7 @@ class S3Delivery(Sink):
     ) -> dict[str, Any]:
         """One PutObject of the whole file, read and checked first (the file is under
         `multipart_threshold_bytes`, so it is in memory once)."""
-        async with aiofiles.open(item.path, "rb") as f:
-            body, grew = await fill(f, item.size), await f.read(1)
-        if body is None or grew:
-            raise modified(item, "another size")
-        sha, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
-        await anyio.to_thread.run_sync(hash_into, body, sha, md5)
-        if sha.hexdigest() != item.sha256:
-            raise modified(item, f"sha256 {sha.hexdigest()}")
+        body, md5 = await anyio.to_thread.run_sync(_read_checked, item)
         args: t.PutObjectRequestTypeDef = {
             "Bucket": self.settings.bucket,
             "Key": key,
@@ -259,7 +250,7 @@ class S3Delivery(Sink):
             "etag": r.get("ETag", "").strip('"'),
             "version_id": r.get("VersionId"),
             "checksum_sha256": r.get("ChecksumSHA256"),
-            "md5": md5.hexdigest(),
+            "md5": md5,
         }
 
     def _verify(self, head: Head | None, item: Item, md5: str | None) -> None:
@@ -283,23 +274,25 @@ class S3Delivery(Sink):
         raise SinkError("checksum_mismatch", f"{self.location(item)}: {problem}", retryable=True)
 
 
-async def fill(f: AsyncBufferedReader, size: int) -> io.BytesIO | None:
-    """The next `size` bytes of `f` in a BytesIO of their own, or None if `f` ends first.
+def _read_checked(item: Item) -> tuple[io.BytesIO, str]:
+    """The file's bytes in a BytesIO of their own, and their MD5, once their size and
+    SHA-256 are the claim's: one call in a worker thread.
 
     aiohttp wants a large body as a BytesIO (it warns about raw bytes) and takes its
     `getbuffer()`, which copies the bytes while anything else holds them: so they are
     read in place into the buffer of a BytesIO that alone owns it.
     """
-    body = io.BytesIO(bytes(size))
-    view, got = body.getbuffer(), 0
-    while got < size and (n := await f.readinto(view[got:])):
-        got += n
-    return body if got == size else None
-
-
-def hash_into(body: io.BytesIO, *hashes: hashlib._Hash) -> None:
-    for h in hashes:
-        h.update(body.getbuffer())
+    body = io.BytesIO(bytes(item.size))
+    with open(item.path, "rb", buffering=0) as f, body.getbuffer() as view:
+        got = 0
+        while got < item.size and (n := f.readinto(view[got:])):
+            got += n
+        if got != item.size or f.read(1):
+            raise modified(item, "another size")
+        sha, md5 = hashlib.sha256(view), hashlib.md5(view, usedforsecurity=False)
+    if sha.hexdigest() != item.sha256:
+        raise modified(item, f"sha256 {sha.hexdigest()}")
+    return body, md5.hexdigest()
 
 
 def _file_digests(path: Path) -> tuple[str, str]:
