@@ -92,7 +92,8 @@ def items_for(
 ) -> list[Item]:
     """What `job` sends to a sink: its source file as received, or each file its
     importer wrote to `out/` (sorted; `skip_outputs`: a partial import's pending
-    records). Blocking (it hashes outputs): run it in a thread."""
+    records). The source needs no file read; the outputs are listed and hashed, so
+    for those it blocks: run it in a thread."""
     folder = proc / job.id
     if settings.send == "source":
         path = Path(os.fsdecode(os.fsencode(folder) + b"/" + stored_name(job.name)))

@@ -245,15 +245,12 @@ class Delivery:
         """Every item of the job for this sink, each under the sink's timeout; any
         failure is a `SinkError`."""
         skip = frozenset({job.result.pending.name}) if job.result and job.result.pending else None
+        args = (job.record, rt.settings, self.proc, skip or frozenset())
         try:
-            items = await anyio.to_thread.run_sync(
-                items_for,
-                job.record,
-                rt.settings,
-                self.proc,
-                skip or frozenset(),
-                limiter=self._fs_threads,
-            )
+            if rt.settings.send == "source":  # nothing is read: no thread hop
+                items = items_for(*args)
+            else:  # the outputs are listed and hashed
+                items = await anyio.to_thread.run_sync(items_for, *args, limiter=self._fs_threads)
         except TemplateError as e:
             raise SinkError("bad_target", str(e), retryable=False) from None
         except OSError as e:
