@@ -357,3 +357,24 @@ async def test_missing_credential_is_a_config_error(tmp_path: Path) -> None:
         await S3Delivery(s).open()
     assert (e.value.error_class, e.value.retryable) == ("sink_config", False)
     assert "FILEDOCK_TEST_NO_SUCH_VARIABLE" in e.value.message
+
+
+@pytest.mark.parametrize("checksum", ["sha256", "none"])
+async def test_botocore_checksums_on_streamed_parts(
+    s3_server: S3Server, bucket: str, tmp_path: Path, checksum: str
+) -> None:
+    """With `request_checksum_calculation: when_supported` botocore reads each streamed
+    part once more for its own CRC: the parts still arrive whole and are checked."""
+    it = item(tmp_path, "crc.bin", os.urandom(11 * MiB))
+    s = settings(
+        s3_server,
+        bucket,
+        tmp_path,
+        checksum=checksum,
+        conditional_writes=False,
+        request_checksum_calculation="when_supported",
+    )
+    async with opened(s) as sink:
+        receipt = await sink.deliver(it)
+    assert receipt.remote["multipart"] is True and receipt.remote["parts"] == 3
+    assert s3_server.get(bucket, "in/crc.bin") == it.path.read_bytes()
