@@ -94,8 +94,9 @@ class Multipart:
             for start in range(0, item.size, part_size):
                 length = min(part_size, item.size - start)
                 if self.checksum:
-                    part = hashlib.sha256()
-                    await anyio.to_thread.run_sync(hash_range, item, fd, start, length, whole, part)
+                    whole, part = await anyio.to_thread.run_sync(
+                        hashed, item, FileWindow(fd, start, length, whole, hashlib.sha256())
+                    )
                     body = FileWindow(fd, start, length)
                 else:
                     part, body = None, FileWindow(fd, start, length, whole)
@@ -220,18 +221,17 @@ class FileWindow(io.RawIOBase):
         return self.hashes
 
 
-def hash_range(item: Item, fd: int, start: int, length: int, *hashes: hashlib._Hash) -> None:
-    """Hash `length` bytes of the file from `start` into each of `hashes`, `_CHUNK` at a
-    time through one buffer (in a worker thread)."""
-    buffer = bytearray(min(_CHUNK, length))
-    view, done = memoryview(buffer), 0
-    while done < length:
-        got = os.preadv(fd, [view[: min(len(view), length - done)]], start + done)
-        if got == 0:
-            raise modified(item, "fewer bytes")
-        for h in hashes:
-            h.update(view[:got])
-        done += got
+def hashed(item: Item, window: FileWindow) -> list[hashlib._Hash]:
+    """The window's hashes after one pass over it (in a worker thread); a file that
+    ends early has changed since its claim."""
+    try:
+        while window.read():
+            pass
+    except OSError:
+        if window.short:
+            raise modified(item, "fewer bytes") from None
+        raise
+    return window.followed(item)
 
 
 def error_code(e: ClientError) -> str:
