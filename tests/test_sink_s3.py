@@ -27,7 +27,7 @@ import pytest
 from conftest import free_port
 from s3servers import S3Server, rclone_s3
 
-from service.delivery.base import Item, SinkError
+from service.delivery.base import Item, Receipt, SinkError
 from service.delivery.s3 import S3Delivery
 from service.settings.sinks import S3Sink, Secret
 
@@ -83,6 +83,16 @@ def item(base: Path, target: str, content: bytes) -> Item:
     )
 
 
+async def traced(sink: S3Delivery, it: Item) -> tuple[Receipt, int]:
+    """The delivery's receipt and the peak of the memory Python allocated meanwhile."""
+    tracemalloc.start()
+    try:
+        receipt = await sink.deliver(it)
+        return receipt, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 def b64(content: bytes) -> str:
     return base64.b64encode(hashlib.sha256(content).digest()).decode()
 
@@ -116,12 +126,7 @@ async def test_multipart_upload_streams_its_parts_from_the_file(
     content = os.urandom(22 * MiB)  # five parts of 5 MiB, the last one 2 MiB
     it = item(tmp_path, "big.bin", content)
     async with opened(settings(s3_server, bucket, tmp_path)) as sink:
-        tracemalloc.start()
-        try:
-            receipt = await sink.deliver(it)
-            peak = tracemalloc.get_traced_memory()[1]
-        finally:
-            tracemalloc.stop()
+        receipt, peak = await traced(sink, it)
 
     assert receipt.remote["multipart"] is True and receipt.remote["parts"] == 5
     # The complete answer's ETag is AWS's MD5-of-MD5s with the part count, on both.
@@ -246,9 +251,22 @@ async def test_leftover_multipart_upload_is_aborted(
     assert s3_server.get(bucket, "in/part.bin") == it.path.read_bytes()
 
 
+async def assert_never_an_object(
+    s3_server: S3Server, bucket: str, base: Path, checksum: str, it: Item
+) -> None:
+    """The delivery of a changed file fails as such, and leaves nothing on the store."""
+    s = settings(s3_server, bucket, base, checksum=checksum, conditional_writes=False)
+    async with opened(s) as sink:
+        with pytest.raises(SinkError) as e:
+            await sink.deliver(it)
+    assert (e.value.error_class, e.value.retryable) == ("modified_during_processing", False)
+    assert s3_server.keys(bucket) == []
+    assert s3_server.uploads(bucket, sink.key(it)) == []
+
+
 @pytest.mark.parametrize("checksum", ["sha256", "none"])
 @pytest.mark.parametrize("change", ["rewritten", "grown", "shrunk"])
-@pytest.mark.parametrize("size", [1000, 6 * MiB], ids=["put", "multipart"])
+@pytest.mark.parametrize("size", [1000, 3 * MiB, 6 * MiB], ids=["put", "streamed-put", "multipart"])
 async def test_changed_file_never_becomes_an_object(
     s3_server: S3Server, bucket: str, tmp_path: Path, size: int, change: str, checksum: str
 ) -> None:
@@ -264,16 +282,10 @@ async def test_changed_file_never_becomes_an_object(
             f.write(b"more")
         else:
             f.truncate(size - 1)
-    s = settings(s3_server, bucket, tmp_path, checksum=checksum, conditional_writes=False)
-    async with opened(s) as sink:
-        with pytest.raises(SinkError) as e:
-            await sink.deliver(it)
-    assert (e.value.error_class, e.value.retryable) == ("modified_during_processing", False)
-    assert s3_server.keys(bucket) == []
-    assert s3_server.uploads(bucket, "in/moving.bin") == []
+    await assert_never_an_object(s3_server, bucket, tmp_path, checksum, it)
 
 
-@pytest.mark.parametrize("size", [1000, 6 * MiB], ids=["put", "multipart"])
+@pytest.mark.parametrize("size", [1000, 3 * MiB, 6 * MiB], ids=["put", "streamed-put", "multipart"])
 async def test_checksum_none_delivers(
     s3_server: S3Server, bucket: str, tmp_path: Path, size: int
 ) -> None:
@@ -283,6 +295,64 @@ async def test_checksum_none_delivers(
         receipt = await sink.deliver(it)
     assert receipt.found is False and receipt.bytes == size
     assert s3_server.get(bucket, "in/plain.bin") == it.path.read_bytes()
+
+
+async def test_single_put_streams_a_file_over_a_mib(
+    s3_server: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    """A file under `multipart_threshold_bytes` but over a MiB goes in one PUT read
+    straight from the file: `concurrency` such PUTs at once hold no file in memory."""
+    content = os.urandom(20 * MiB)
+    it = item(tmp_path, "mid.bin", content)
+    s = settings(s3_server, bucket, tmp_path, multipart_threshold_bytes=64 * MiB)
+    async with opened(s) as sink:
+        receipt, peak = await traced(sink, it)
+    assert receipt.remote["multipart"] is False
+    assert receipt.remote["etag"] == hashlib.md5(content).hexdigest()
+    assert peak < 5 * MiB, f"peak {peak / MiB:.1f} MiB for a 20 MiB file in one PUT"
+    assert s3_server.get(bucket, "in/mid.bin") == content
+
+
+@pytest.mark.parametrize("checksum", ["sha256", "none"])
+async def test_file_rewritten_after_its_check_is_refused_by_the_store(
+    s3_server: S3Server,
+    bucket: str,
+    tmp_path: Path,
+    checksum: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A streamed PUT sends its bytes after they were checked. The file is rewritten
+    in that gap (the check is wrapped to do it): the PUT's Content-MD5 is the checked
+    bytes', the store refuses what it receives, and the sink names the change."""
+    import service.delivery.s3 as s3
+
+    it = item(tmp_path, "late.bin", os.urandom(3 * MiB))
+    checked = s3._checked_md5
+
+    def check_then_rewrite(target: Item, fd: int) -> str:
+        md5 = checked(target, fd)
+        with open(target.path, "r+b") as f:
+            f.write(b"changed")
+        return md5
+
+    monkeypatch.setattr(s3, "_checked_md5", check_then_rewrite)
+    await assert_never_an_object(s3_server, bucket, tmp_path, checksum, it)
+
+
+async def test_bytes_the_store_finds_damaged_are_retried(
+    s3_server: S3Server, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store refuses a PUT whose bytes do not match its Content-MD5 while the file
+    is unchanged: damage on the way (made here by announcing another MD5), worth a retry."""
+    import service.delivery.s3 as s3
+
+    it = item(tmp_path, "damaged.bin", os.urandom(3 * MiB))
+    monkeypatch.setattr(s3, "_checked_md5", lambda target, fd: hashlib.md5(b"other").hexdigest())
+    async with opened(settings(s3_server, bucket, tmp_path, checksum="none")) as sink:
+        with pytest.raises(SinkError) as e:
+            await sink.deliver(it)
+    assert (e.value.error_class, e.value.retryable) == ("checksum_mismatch", True)
+    assert s3_server.keys(bucket) == []
 
 
 async def test_concurrent_deliveries_share_one_client(

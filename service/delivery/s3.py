@@ -11,7 +11,8 @@ of the right size is compared with the file instead.
 
 The bytes are hashed as they are read and checked against `Item.sha256` before an
 object can appear: a PUT is sent, a multipart upload (`s3_parts.py`) completed, only
-after that.
+after that. A PUT carries the MD5 of the checked bytes (`Content-MD5`), so a file
+that changes between its check and its send is refused by the store.
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import os
 import re
 from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import IO, TYPE_CHECKING, Any, cast
 
+import aiofiles
 import aiohttp
 import anyio
 from aiobotocore.config import AioConfig
@@ -32,7 +35,7 @@ from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError, Par
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from service.delivery.base import Item, Receipt, Sink, SinkError, modified, unreadable
-from service.delivery.s3_parts import Multipart, error_code
+from service.delivery.s3_parts import FileWindow, Multipart, error_code, hashed
 from service.settings.sinks import S3Sink
 
 if TYPE_CHECKING:
@@ -45,6 +48,9 @@ __all__ = ["S3Delivery"]
 
 _MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")
 _MAX_KEY_BYTES = 1024
+# A single PUT's body up to this size is read into memory in one thread call (the
+# cheapest for the many small files); a larger one is streamed from the file.
+_IN_MEMORY_MAX_BYTES = 1 << 20
 # Asked again later, these may well succeed (S3's own advice for each).
 _RETRY_CODES = frozenset(
     {
@@ -228,23 +234,43 @@ class S3Delivery(Sink):
     async def _put(
         self, client: S3Client, key: str, item: Item, conditional: bool
     ) -> dict[str, Any]:
-        """One PutObject of the whole file, read and checked first (the file is under
-        `multipart_threshold_bytes`, so it is in memory once)."""
-        body, md5 = await anyio.to_thread.run_sync(_read_checked, item)
-        args: t.PutObjectRequestTypeDef = {
-            "Bucket": self.settings.bucket,
-            "Key": key,
-            "Body": body,
-            "ContentLength": item.size,
-            "Metadata": {"sha256": item.sha256},
-        }
-        if self.settings.checksum == "sha256":
-            args["ChecksumSHA256"] = _b64(item.sha256)
-        if self.settings.storage_class:
-            args["StorageClass"] = cast("StorageClassType", self.settings.storage_class)
-        if conditional:
-            args["IfNoneMatch"] = "*"
-        r = await client.put_object(**args)
+        """One PutObject of the whole file, its size, SHA-256 and MD5 checked first.
+
+        The MD5 goes with it (`Content-MD5`), which every S3 store checks against the
+        bytes it receives: what becomes the object is what was checked here, even
+        where the file is streamed and changes after its check. A file up to
+        `_IN_MEMORY_MAX_BYTES` is read once into memory; a larger one is hashed and then
+        streamed from the file, so `concurrency` large PUTs hold no file in memory."""
+        async with AsyncExitStack() as stack:
+            body: io.BytesIO | FileWindow
+            if item.size <= _IN_MEMORY_MAX_BYTES:
+                body, md5 = await anyio.to_thread.run_sync(_read_checked, item)
+            else:
+                fd = (await stack.enter_async_context(aiofiles.open(item.path, "rb"))).fileno()
+                md5 = await anyio.to_thread.run_sync(_checked_md5, item, fd)
+                body = FileWindow(fd, 0, item.size)
+            args: t.PutObjectRequestTypeDef = {
+                "Bucket": self.settings.bucket,
+                "Key": key,
+                "Body": cast("IO[bytes]", body),
+                "ContentLength": item.size,
+                "ContentMD5": _b64(md5),
+                "Metadata": {"sha256": item.sha256},
+            }
+            if self.settings.checksum == "sha256":
+                args["ChecksumSHA256"] = _b64(item.sha256)
+            if self.settings.storage_class:
+                args["StorageClass"] = cast("StorageClassType", self.settings.storage_class)
+            if conditional:
+                args["IfNoneMatch"] = "*"
+            try:
+                r = await client.put_object(**args)
+            except Exception as e:
+                if isinstance(body, FileWindow) and body.short:
+                    raise modified(item, "fewer bytes") from None
+                if isinstance(e, ClientError) and error_code(e) == "BadDigest":
+                    await self._bad_digest(item)
+                raise
         item.sent(item.size)
         return {
             "etag": r.get("ETag", "").strip('"'),
@@ -252,6 +278,15 @@ class S3Delivery(Sink):
             "checksum_sha256": r.get("ChecksumSHA256"),
             "md5": md5,
         }
+
+    async def _bad_digest(self, item: Item) -> None:
+        """The store received other bytes than were checked: the file changed since
+        (its claim's SHA-256 no longer matches), or they were damaged on the way."""
+        sha = (await anyio.to_thread.run_sync(_file_digests, item.path))[0]
+        if sha != item.sha256:
+            raise modified(item, f"sha256 {sha}")
+        what = f"{self.location(item)}: the store received other bytes than were sent"
+        raise SinkError("checksum_mismatch", what, retryable=True)
 
     def _verify(self, head: Head | None, item: Item, md5: str | None) -> None:
         """What the store says it now holds, against what we sent. A multipart ETag is
@@ -293,6 +328,18 @@ def _read_checked(item: Item) -> tuple[io.BytesIO, str]:
     if sha.hexdigest() != item.sha256:
         raise modified(item, f"sha256 {sha.hexdigest()}")
     return body, md5.hexdigest()
+
+
+def _checked_md5(item: Item, fd: int) -> str:
+    """The MD5 of the open file's bytes, once their size and SHA-256 are the claim's:
+    one pass in a worker thread, through a `FileWindow` (nothing held)."""
+    window = FileWindow(fd, 0, item.size, hashlib.sha256(), hashlib.md5(usedforsecurity=False))
+    sha, md5 = hashed(item, window)
+    if os.pread(fd, 1, item.size):
+        raise modified(item, "another size")
+    if sha.hexdigest() != item.sha256:
+        raise modified(item, f"sha256 {sha.hexdigest()}")
+    return md5.hexdigest()
 
 
 def _file_digests(path: Path) -> tuple[str, str]:

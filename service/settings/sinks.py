@@ -110,8 +110,9 @@ class S3Sink(_Sink):
     # A single PUT's ETag is its MD5 and is checked as one; false for buckets where it
     # is not (AWS SSE-KMS or SSE-C encryption).
     etag_is_md5: bool = True
-    # A smaller file is read into memory and sent in one PUT (at most `concurrency` at
-    # once); a larger one goes in a multipart upload, each part streamed from the file.
+    # A smaller file goes in one PUT with its Content-MD5 (read into memory up to a
+    # MiB, streamed from the file above); a larger one in a multipart upload, each part
+    # streamed from the file.
     multipart_threshold_bytes: int = Field(default=64 << 20, ge=5 << 20)
     part_size_bytes: int = Field(default=16 << 20, ge=5 << 20, le=5 << 30)
     storage_class: str | None = None
