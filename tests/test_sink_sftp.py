@@ -19,6 +19,7 @@ import hashlib
 import logging
 import os
 import secrets
+import shutil
 import subprocess
 import warnings
 from collections.abc import AsyncIterator, Iterator
@@ -43,6 +44,7 @@ with warnings.catch_warnings():
 
 MiB = 1 << 20
 JOB = "20250102T030405006Z-0a1b2c3d"
+OTHER_JOB = "20250102T030405007Z-4e5f6a7b"
 START = {"openssh": sftp_server, "rclone": rclone_sftp}
 
 
@@ -167,6 +169,22 @@ async def test_delivers_into_new_nested_folders_with_a_receipt(
     if served.kind == "openssh":  # rclone's server ignores modes (its --file-perms rule)
         assert final.stat().st_mode & 0o777 == 0o644
         assert (served.folder / root / "eu").stat().st_mode & 0o777 == 0o755
+
+
+async def test_a_folder_removed_after_it_was_seen_is_made_again(
+    served: Served, root: str, tmp_path: Path
+) -> None:
+    """The sink remembers the folders it has seen and stops asking about them; one
+    removed on the server meanwhile (an operator clearing it) is made again."""
+    async with opened(settings(served, root, tmp_path)) as sink:
+        await sink.deliver(item(tmp_path, "day/a.csv", b"first\n"))
+        shutil.rmtree(served.folder / root / "day")
+        receipt = await sink.deliver(item(tmp_path, "day/b.csv", b"second\n", job=OTHER_JOB))
+    final = served.folder / root / "day/b.csv"
+    assert final.read_bytes() == b"second\n" and receipt.bytes == len(b"second\n")
+    assert names(served.folder / root) == ["day", "day/b.csv"]
+    if served.kind == "openssh":  # a small file's mode is set beside its one write
+        assert final.stat().st_mode & 0o777 == 0o644
 
 
 async def test_the_same_item_twice_is_found_and_written_once(

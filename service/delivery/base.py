@@ -15,6 +15,7 @@ Every kind keeps three promises, whichever point a crash interrupts it at:
 from __future__ import annotations
 
 import abc
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,3 +123,17 @@ def unreadable(item: Item, error: OSError) -> SinkError:
     """The source file could not be read (it is in proc/, where only filedock writes)."""
     what = f"{item.path}: {error.strerror or error}"
     return SinkError("source_unreadable", what, retryable=False)
+
+
+def read_checked(item: Item) -> bytes:
+    """The whole file, once its size and SHA-256 are the claim's: one call in a worker
+    thread, for a file small enough to send from memory."""
+    try:
+        with open(item.path, "rb") as f:
+            data = f.read(item.size + 1)
+    except OSError as e:
+        raise unreadable(item, e) from None
+    sha = hashlib.sha256(data).hexdigest()
+    if len(data) != item.size or sha != item.sha256:
+        raise modified(item, f"{len(data)} bytes, sha256 {sha}")
+    return data

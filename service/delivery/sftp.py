@@ -16,19 +16,29 @@ the final name are judged by reading them back, a published file by its size.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import posixpath
 import stat
 import warnings
+from collections.abc import Awaitable
 from contextlib import suppress
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import aiofiles
 import anyio
 from cryptography.utils import CryptographyDeprecationWarning
 
 from service.crash import crash_point
-from service.delivery.base import Item, Receipt, Sink, SinkError, modified, unreadable
+from service.delivery.base import (
+    Item,
+    Receipt,
+    Sink,
+    SinkError,
+    modified,
+    read_checked,
+    unreadable,
+)
 from service.delivery.sftp_connection import Connection
 from service.settings.sinks import SftpSink
 
@@ -42,6 +52,7 @@ _CHUNK = 1 << 20
 _NAME_MAX = 255
 _TEMP, _ASIDE = b".filedock-tmp", b".filedock-old"
 _CLEANUP_S = 10.0
+_KNOWN_FOLDERS = 4096  # folders remembered to exist; forgotten all at once beyond
 _SFTP_CLASSES = {
     asyncssh.FX_PERMISSION_DENIED: ("permission", False),
     asyncssh.FX_WRITE_PROTECT: ("permission", False),
@@ -76,6 +87,7 @@ class SftpDelivery(Sink):
         self._server = Connection(settings)
         self._root: bytes | None = None  # `root` made absolute by the server
         self._no_link = False  # the server offers hardlink@openssh.com but refuses it
+        self._known: set[bytes] = set()  # target folders seen to exist on the server
         host = f"[{settings.host}]" if ":" in settings.host else settings.host
         self._url = f"sftp://{settings.username}@{host}:{settings.port}"
 
@@ -104,21 +116,34 @@ class SftpDelivery(Sink):
     async def _deliver(
         self, sftp: asyncssh.SFTPClient, item: Item, root: bytes, parts: list[bytes]
     ) -> Receipt:
+        """Independent requests go together (`_together`): under load each round trip
+        waits for the event loop's turn, which costs more than the request."""
         final = posixpath.join(root, *parts)
         temp, aside = _beside(final, item, _TEMP), _beside(final, item, _ASIDE)
+        folder = posixpath.dirname(final)
+        known = folder in self._known
         await self._folders(sftp, root, parts[:-1])
-        await _remove(sftp, temp)  # a crashed attempt's, never reused
+        stale = [_remove(sftp, temp)]  # a crashed attempt's, never reused
         if self.settings.exists == "replace":
-            await _remove(sftp, aside)
-        there = await _lstat(sftp, final)
+            stale.append(_remove(sftp, aside))
+        there = (await _together(*stale, _lstat(sftp, final)))[-1]
         if there is not None and (found := await self._existing(sftp, item, final, there)):
             return found
         published = False
         try:
-            await self._upload(sftp, item, temp)
+            try:
+                await self._upload(sftp, item, temp)
+            except asyncssh.SFTPNoSuchFile:
+                if not known:
+                    raise
+                # The folder was removed on the server since it was seen: made again.
+                self._known.discard(folder)
+                await self._folders(sftp, root, parts[:-1])
+                await self._upload(sftp, item, temp)
             if self.settings.exists == "replace":
                 await self._replace(sftp, temp, final, aside)
-            elif not await self._publish(sftp, temp, final):
+                how = "renamed"
+            elif (how := await self._publish(sftp, temp, final)) == "taken":
                 there = await _lstat(sftp, final)
                 if there is None or not (found := await self._existing(sftp, item, final, there)):
                     what = f"{self._shown(final)} changed as we wrote it"
@@ -132,7 +157,9 @@ class SftpDelivery(Sink):
                     suppress(asyncssh.Error, OSError),
                 ):
                     await _remove(sftp, temp)
-        return await self._published(sftp, item, final)
+        # A linked temp is removed as the final name is checked.
+        linked = [_remove(sftp, temp)] if how == "linked" else []
+        return self._published(item, final, (await _together(*linked, sftp.stat(final)))[-1])
 
     async def _resolved(self, sftp: asyncssh.SFTPClient) -> bytes:
         """`root`, made absolute by the server (relative to the login folder) once."""
@@ -146,8 +173,14 @@ class SftpDelivery(Sink):
         return self._root
 
     async def _folders(self, sftp: asyncssh.SFTPClient, root: bytes, parents: list[bytes]) -> None:
-        """Make the target's missing folders (`dir_mode`); the root must exist."""
-        if _is_dir(await _stat(sftp, posixpath.join(root, *parents))):
+        """Make the target's missing folders (`dir_mode`); the root must exist. A folder
+        seen to exist is remembered and not asked about again (one request a file fewer);
+        `_deliver` makes it again should it vanish."""
+        target = posixpath.join(root, *parents)
+        if target in self._known:
+            return
+        if _is_dir(await _stat(sftp, target)):
+            self._remember(target)
             return
         if not _is_dir(await _stat(sftp, root)):
             what = f"{self._shown(root)} is not a folder on the server"
@@ -163,6 +196,12 @@ class SftpDelivery(Sink):
             if not _is_dir(there):
                 what = f"{self._shown(folder)} is not a folder on the server"
                 raise SinkError("bad_target", what, retryable=False)
+        self._remember(target)
+
+    def _remember(self, folder: bytes) -> None:
+        if len(self._known) >= _KNOWN_FOLDERS:
+            self._known.clear()
+        self._known.add(folder)
 
     async def _existing(
         self, sftp: asyncssh.SFTPClient, item: Item, final: bytes, there: asyncssh.SFTPAttrs
@@ -181,8 +220,18 @@ class SftpDelivery(Sink):
         raise SinkError("remote_exists", what, retryable=False)
 
     async def _upload(self, sftp: asyncssh.SFTPClient, item: Item, temp: bytes) -> None:
-        """Stream the source into `temp`, hashing; flushed to the server's disk where it
-        offers `fsync@openssh.com`, mode `file_mode`."""
+        """Write the source into `temp`, mode `file_mode`, flushed to the server's disk
+        where it offers `fsync@openssh.com`. A file of up to `_CHUNK` is read and checked
+        in one thread call and written in one request, beside its mode; a larger one is
+        streamed, hashed as it is read, and checked before its mode is set."""
+        if item.size <= _CHUNK:
+            data = await anyio.to_thread.run_sync(read_checked, item)
+            async with sftp.open(temp, "wb", encoding=None) as dst:
+                await _together(dst.write(data, 0), self._mode(dst))
+                item.sent(item.size)
+                crash_point("mid_delivery")  # the temp is written, not published
+                await _flush(dst)
+            return
         h = hashlib.sha256()
         total = 0
         try:
@@ -206,17 +255,22 @@ class SftpDelivery(Sink):
                         crash_point("mid_delivery")
                 if total != item.size or h.hexdigest() != item.sha256:
                     raise modified(item, f"{total} bytes, sha256 {h.hexdigest()}")
-                # Modes are advice: rclone ignores them, some servers refuse to set them.
-                with suppress(asyncssh.SFTPOpUnsupported, asyncssh.SFTPPermissionDenied):
-                    await dst.chmod(self.settings.file_mode)
-                with suppress(asyncssh.SFTPOpUnsupported):
-                    await dst.fsync()
+                await self._mode(dst)
+                await _flush(dst)
         finally:
             with anyio.CancelScope(shield=True):
                 await src.close()
 
-    async def _publish(self, sftp: asyncssh.SFTPClient, temp: bytes, final: bytes) -> bool:
-        """Give `temp` the final name unless it is taken (then False, `temp` left)."""
+    async def _mode(self, dst: asyncssh.SFTPClientFile) -> None:
+        # Modes are advice: rclone ignores them, some servers refuse to set them.
+        with suppress(asyncssh.SFTPOpUnsupported, asyncssh.SFTPPermissionDenied):
+            await dst.chmod(self.settings.file_mode)
+
+    async def _publish(
+        self, sftp: asyncssh.SFTPClient, temp: bytes, final: bytes
+    ) -> Literal["linked", "renamed", "taken"]:
+        """Give `temp` the final name unless it is taken (`taken`, `temp` left); a hard
+        link leaves `temp` beside it (`linked`), for the caller to remove."""
         if not self._no_link:
             try:
                 await sftp.link(temp, final)
@@ -225,21 +279,20 @@ class SftpDelivery(Sink):
             except (asyncssh.SFTPFailure, asyncssh.SFTPPermissionDenied):
                 # Taken, or a filesystem without hard links (EPERM): the rename decides.
                 if await _lstat(sftp, final) is not None:
-                    return False
+                    return "taken"
             else:
-                await _remove(sftp, temp)
-                return True
+                return "linked"
         # SFTP v3's rename must refuse a taken name, as OpenSSH's does; rclone's
         # replaces, so look first.
         if await _lstat(sftp, final) is not None:
-            return False
+            return "taken"
         try:
             await sftp.rename(temp, final)
         except asyncssh.SFTPFailure:
             if await _lstat(sftp, final) is not None:
-                return False
+                return "taken"
             raise
-        return True
+        return "renamed"
 
     async def _replace(
         self, sftp: asyncssh.SFTPClient, temp: bytes, final: bytes, aside: bytes
@@ -263,10 +316,9 @@ class SftpDelivery(Sink):
             raise
         await _remove(sftp, aside)
 
-    async def _published(self, sftp: asyncssh.SFTPClient, item: Item, final: bytes) -> Receipt:
+    def _published(self, item: Item, final: bytes, there: asyncssh.SFTPAttrs) -> Receipt:
         """What the server now holds under the final name, checked by its size."""
         shown = self._shown(final)
-        there = await sftp.stat(final)
         if there.size != item.size:
             what = f"{shown} has {there.size} bytes after the upload, not {item.size}"
             raise SinkError("checksum_mismatch", what, retryable=True)
@@ -295,6 +347,21 @@ def _beside(final: bytes, item: Item, suffix: bytes) -> bytes:
     if len(name) + len(ours) + 1 > _NAME_MAX:
         name = hashlib.sha256(name).hexdigest()[:16].encode()
     return posixpath.join(folder, b"." + name + ours)
+
+
+async def _together(*requests: Awaitable[Any]) -> list[Any]:
+    """Independent requests sent at once, their answers in order: one round trip for
+    all. The first failure is raised once every one has answered."""
+    answers = await asyncio.gather(*requests, return_exceptions=True)
+    for answer in answers:
+        if isinstance(answer, BaseException):
+            raise answer
+    return answers
+
+
+async def _flush(dst: asyncssh.SFTPClientFile) -> None:
+    with suppress(asyncssh.SFTPOpUnsupported):
+        await dst.fsync()
 
 
 async def _sha256_of(sftp: asyncssh.SFTPClient, path: bytes) -> str:
