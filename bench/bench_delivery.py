@@ -42,6 +42,7 @@ import resource
 import shutil
 import signal
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -185,13 +186,24 @@ def _ledger_times(fd: Filedock) -> dict[str, float | None]:
             "SELECT min(created_at), max(CASE WHEN state = 'delivered' THEN updated_at END)"
             " FROM deliveries"
         ).fetchone()
+        # Each job's time in each stage: where a file waits.
+        stages = db.execute(
+            "SELECT d.created_at - j.created_at, d.updated_at - d.created_at,"
+            " j.updated_at - d.updated_at FROM jobs j JOIN deliveries d ON d.job_id = j.id"
+            " WHERE j.state = 'done'"
+        ).fetchall()
     finally:
         db.close()
+    names = ("claimed_to_delivering", "delivering_to_delivered", "delivered_to_done")
     return {
         "first_claim": first_claim,
         "first_delivering": first_delivering,
         "last_delivered": last_delivered,
         "last_done": last_done,
+        "stage_median_s": {
+            name: statistics.median(row[i] for row in stages) if stages else None
+            for i, name in enumerate(names)
+        },
     }
 
 
@@ -262,6 +274,7 @@ def run_filedock(
         "last_delivered_s": since(times["last_delivered"]),
         "first_claim_s": since(times["first_claim"]),
         "first_delivering_s": since(times["first_delivering"]),
+        "stage_median_s": times["stage_median_s"],
         "seen_done_s": seen - t0,
         "cpu_s": cpu_s,
         "cpu_split_s": cpu_split,

@@ -262,6 +262,7 @@ def run_filedock(
         "last_delivered_s": since(times["last_delivered"]),
         "first_claim_s": since(times["first_claim"]),
         "first_delivering_s": since(times["first_delivering"]),
+        "stage_median_s": times["stage_median_s"],
         "seen_done_s": seen - t0,
         "cpu_s": cpu_s,
         "cpu_split_s": cpu_split,
