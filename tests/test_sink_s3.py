@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import re
 import tracemalloc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -353,6 +354,34 @@ async def test_bytes_the_store_finds_damaged_are_retried(
             await sink.deliver(it)
     assert (e.value.error_class, e.value.retryable) == ("checksum_mismatch", True)
     assert s3_server.keys(bucket) == []
+
+
+@pytest.mark.parametrize("checksum", ["sha256", "none"])
+async def test_a_body_is_signed_only_where_no_checksum_goes_with_it(
+    s3_server: S3Server, bucket: str, tmp_path: Path, checksum: str
+) -> None:
+    """Over plain http botocore signs each body's SHA-256, a second pass over it on the
+    event loop; with `checksum: sha256` the store checks the signed checksum header
+    instead, so the body goes unsigned (as botocore sends it over https)."""
+    sent: list[tuple[str, str]] = []
+
+    def seen(request: Any, **_: Any) -> None:
+        op = "part" if "partNumber=" in request.url else request.method
+        sent.append((op, request.headers.get("x-amz-content-sha256", b"").decode()))
+
+    it = item(tmp_path, "signed.bin", os.urandom(6 * MiB))
+    s = settings(s3_server, bucket, tmp_path, checksum=checksum, conditional_writes=False)
+    async with opened(s) as sink:
+        assert sink._client is not None
+        sink._client.meta.events.register("before-send.s3", seen)
+        await sink.deliver(it)
+    bodies = [value for op, value in sent if op == "part"]
+    assert len(bodies) == 2
+    if checksum == "sha256":
+        assert bodies == ["UNSIGNED-PAYLOAD"] * 2
+    else:
+        assert all(re.fullmatch("[0-9a-f]{64}", value) for value in bodies)
+    assert s3_server.get(bucket, "in/signed.bin") == it.path.read_bytes()
 
 
 async def test_concurrent_deliveries_share_one_client(

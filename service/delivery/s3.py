@@ -98,7 +98,14 @@ class S3Delivery(Sink):
             raise SinkError("sink_config", f"sink {s.name}: {e}", retryable=False) from None
         config = AioConfig(
             region_name=s.region,
-            s3={"addressing_style": "path" if s.path_style else "auto"},
+            s3={
+                "addressing_style": "path" if s.path_style else "auto",
+                # With `checksum: sha256` every body goes with its SHA-256 in a signed
+                # header, which the store checks: signing the body too would read and
+                # hash it once more on the event loop (botocore does so on any
+                # `http://` endpoint). With `none` the signature is the check.
+                "payload_signing_enabled": s.checksum != "sha256",
+            },
             request_checksum_calculation=s.request_checksum_calculation,
             response_checksum_validation=s.response_checksum_validation,
             connect_timeout=min(s.timeout_s, 30.0),

@@ -98,9 +98,10 @@ class S3Sink(_Sink):
     path_style: bool = False
     access_key_id: Secret = Secret(env="AWS_ACCESS_KEY_ID")
     secret_access_key: Secret = Secret(env="AWS_SECRET_ACCESS_KEY")
-    # `sha256`: the store checks the body against x-amz-checksum-sha256; `none`: no
-    # checksum header (stores that reject it). Either way a HEAD checks size and our
-    # x-amz-meta-sha256 after the upload.
+    # `sha256`: the store checks the body against x-amz-checksum-sha256 (and the body
+    # is not signed too); `none`: no checksum header (stores that reject it), the body
+    # signed where the endpoint is plain http. Either way a PUT carries its Content-MD5,
+    # and a HEAD checks size and our x-amz-meta-sha256 after the upload.
     checksum: Literal["sha256", "none"] = "sha256"
     # botocore's own CRC checksums, which some S3-compatible stores reject.
     request_checksum_calculation: Literal["when_required", "when_supported"] = "when_required"
