@@ -19,10 +19,11 @@ and ratios are taken round by round.
   (s3, provider Other, path style), its defaults but `--s3-chunk-size`, which is set to
   filedock's `part_size_bytes`. Its wall time runs from its start to its exit.
 
-Contenders are named: `filedock[-s<N>][-r<N>][-m<N>][-p<MiB>]` (sink concurrency, route
-concurrency, `max_concurrency`, part size) and `rclone[-t<N>][-c<N>][-u<N>]`
-(`--transfers`, `--checkers`, `--s3-upload-concurrency`). Every object is listed after
-its run, a sample of small ones and every big one read back and SHA-256 checked.
+Contenders are named: `filedock[-s<N>][-r<N>][-m<N>][-p<MiB>][-h0]` (sink concurrency,
+route concurrency, `max_concurrency`, part size, `head_first: false`) and
+`rclone[-t<N>][-c<N>][-u<N>]` (`--transfers`, `--checkers`, `--s3-upload-concurrency`).
+Every object is listed after its run, a sample of small ones and every big one read
+back and SHA-256 checked.
 
 Prints a JSON summary and the tables; writes bench/results/delivery-<stamp>.json.
 Exits 1 when an object is missing or wrong, 2 when the harness could not measure,
@@ -110,7 +111,7 @@ class Contender:
     @classmethod
     def parse(cls, name: str) -> Contender:
         tool, *parts = name.split("-")
-        known = {"filedock": "srmp", "rclone": "tcu"}.get(tool)
+        known = {"filedock": "srmph", "rclone": "tcu"}.get(tool)
         if known is None:
             raise ValueError(f"{name}: a contender is filedock[-...] or rclone[-...]")
         opts = {}
@@ -166,6 +167,8 @@ def filedock_config(ctx: Ctx, c: Contender, bucket: str) -> dict[str, Any]:
     }
     if "s" in c.opts:
         sink["concurrency"] = c.opts["s"]
+    if "h" in c.opts:
+        sink["head_first"] = bool(c.opts["h"])
     route: dict[str, Any] = {"name": "hub", "match": "**", "importer": "none", "deliver": [sink]}
     if "r" in c.opts:
         route["concurrency"] = c.opts["r"]

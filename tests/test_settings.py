@@ -129,6 +129,24 @@ def test_toml_works_too(tmp_path: Path) -> None:
             },
             "exactly one of env or file",
         ),
+        (
+            {
+                "routes": [
+                    command_route(
+                        deliver=[
+                            {
+                                "name": "s",
+                                "kind": "s3",
+                                "bucket": "bkt",
+                                "head_first": False,
+                                "conditional_writes": False,
+                            }
+                        ]
+                    )
+                ]
+            },
+            "head_first: false needs conditional_writes: true",
+        ),
     ],
 )
 def test_bad_configuration_names_field_and_reason(

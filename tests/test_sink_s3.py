@@ -238,6 +238,39 @@ async def test_object_appearing_after_the_check(
     assert s3_server.get(bucket, "in/race.csv") == b"theirs\n"
 
 
+async def test_without_head_first_the_conditional_put_alone_decides(
+    s3_server: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    """`head_first: false`: a new object costs one request, not two. An object already
+    there is found by the PUT's If-None-Match: * (ours: found; another's: remote_exists)
+    on a store that honours it. rclone's ignores it and replaces another's object: why
+    the HEAD first stays the default."""
+    ops: list[str] = []
+    it = item(tmp_path, "one.csv", b"ours\n")
+    async with opened(settings(s3_server, bucket, tmp_path, head_first=False)) as sink:
+        assert sink._client is not None
+        sink._client.meta.events.register(
+            "before-send.s3", lambda request, **_: ops.append(request.method)
+        )
+        assert (await sink.deliver(it)).found is False
+        assert ops == ["PUT"]
+        ops.clear()
+        honoured = s3_server.name == "seaweedfs"
+        assert (await sink.deliver(it)).found is honoured  # rclone's writes it again
+        assert ops == (["PUT", "HEAD"] if honoured else ["PUT"])
+
+        s3_server.put(bucket, "in/theirs.csv", b"theirs\n")
+        other = item(tmp_path, "theirs.csv", b"ours\n")
+        if not honoured:
+            await sink.deliver(other)
+            assert s3_server.get(bucket, "in/theirs.csv") == b"ours\n"
+            return
+        with pytest.raises(SinkError) as e:
+            await sink.deliver(other)
+    assert e.value.error_class == "remote_exists"
+    assert s3_server.get(bucket, "in/theirs.csv") == b"theirs\n"
+
+
 async def test_leftover_multipart_upload_is_aborted(
     s3_server: S3Server, bucket: str, tmp_path: Path
 ) -> None:

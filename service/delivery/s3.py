@@ -170,11 +170,12 @@ class S3Delivery(Sink):
 
     async def _deliver(self, client: S3Client, key: str, item: Item) -> Receipt:
         s = self.settings
-        head = await self._head(client, key)
-        if head is not None and (found := await self._judge(head, item)) is not None:
-            return found
-        conditional = s.conditional_writes and s.exists == "fail"
         multipart = item.size >= s.multipart_threshold_bytes
+        if s.head_first or multipart:
+            head = await self._head(client, key)
+            if head is not None and (found := await self._judge(head, item)) is not None:
+                return found
+        conditional = s.conditional_writes and s.exists == "fail"
         try:
             if multipart:
                 sent = await Multipart(self.settings, client, key, item).run(conditional)
@@ -183,7 +184,7 @@ class S3Delivery(Sink):
         except ClientError as e:
             if not (conditional and error_code(e) in ("PreconditionFailed", "412")):
                 raise
-            # Someone else's object appeared between our HEAD and our write.
+            # An object is there: it appeared since our HEAD, or there was none (`head_first`).
             head = await self._head(client, key)
             if head is None or (found := await self._judge(head, item)) is None:
                 what = f"{self.location(item)} changed while we wrote it"

@@ -106,8 +106,14 @@ class S3Sink(_Sink):
     # botocore's own CRC checksums, which some S3-compatible stores reject.
     request_checksum_calculation: Literal["when_required", "when_supported"] = "when_required"
     response_checksum_validation: Literal["when_required", "when_supported"] = "when_required"
-    # Stores without conditional writes (If-None-Match) are checked with a HEAD first.
+    # Writes carry If-None-Match: * (`exists: fail`); false for stores that refuse it.
     conditional_writes: bool = True
+    # A HEAD before each single PUT finds our bytes already there (a retry after a lost
+    # answer) or another's object before anything is sent, on any store. false: the
+    # conditional PUT alone decides, one request a file instead of two; only for stores
+    # that honour If-None-Match (AWS, SeaweedFS, MinIO; not rclone's). A multipart
+    # upload is always looked for first.
+    head_first: bool = True
     # A single PUT's ETag is its MD5 and is checked as one; false for buckets where it
     # is not (AWS SSE-KMS or SSE-C encryption).
     etag_is_md5: bool = True
@@ -129,6 +135,15 @@ class S3Sink(_Sink):
         if prefix.startswith("/") or ".." in prefix.split("/"):
             raise ValueError("prefix is relative to the bucket, without a leading / or ..")
         return prefix
+
+    @model_validator(mode="after")
+    def _something_guards_exists(self) -> S3Sink:
+        if not self.head_first and not self.conditional_writes and self.exists == "fail":
+            raise ValueError(
+                "head_first: false needs conditional_writes: true with exists: fail"
+                " (nothing else would keep another's object from being replaced)"
+            )
+        return self
 
 
 class HttpSink(_Sink):
