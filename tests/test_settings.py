@@ -16,6 +16,10 @@ def _share(**options: object) -> dict[str, object]:
     return {"name": "share", "kind": "directory", "path": "/mnt/share", **options}
 
 
+def _s3(**keys: object) -> dict[str, object]:
+    return {"name": "s", "kind": "s3", "bucket": "bkt", **keys}
+
+
 def _web(url: str, **options: object) -> dict[str, object]:
     return {"name": "web", "kind": "http", "url": url, **options}
 
@@ -102,49 +106,13 @@ def test_toml_works_too(tmp_path: Path) -> None:
             {"routes": [command_route(deliver=[_web("https://h/{name}", retry_statuses=[503])])]},
             "retry_statuses lists 4xx codes",
         ),
+        ({"routes": [command_route(deliver=[_s3(key="{x}")])]}, "unknown field {x}"),
         (
-            {
-                "routes": [
-                    command_route(
-                        deliver=[{"name": "s", "kind": "s3", "bucket": "bkt", "key": "{x}"}]
-                    )
-                ]
-            },
-            "unknown field {x}",
-        ),
-        (
-            {
-                "routes": [
-                    command_route(
-                        deliver=[
-                            {
-                                "name": "s",
-                                "kind": "s3",
-                                "bucket": "bkt",
-                                "secret_access_key": {"env": "A", "file": "/b"},
-                            }
-                        ]
-                    )
-                ]
-            },
+            {"routes": [command_route(deliver=[_s3(secret_access_key={"env": "A", "file": "/"})])]},
             "exactly one of env or file",
         ),
         (
-            {
-                "routes": [
-                    command_route(
-                        deliver=[
-                            {
-                                "name": "s",
-                                "kind": "s3",
-                                "bucket": "bkt",
-                                "head_first": False,
-                                "conditional_writes": False,
-                            }
-                        ]
-                    )
-                ]
-            },
+            {"routes": [command_route(deliver=[_s3(head_first=False, conditional_writes=False)])]},
             "head_first: false needs conditional_writes: true",
         ),
     ],
