@@ -196,7 +196,7 @@ async def test_a_receiver_that_never_answers_times_out(tmp_path: Path, receiver:
     assert (error.error_class, error.retryable) == ("timeout", True)
 
 
-@pytest.mark.parametrize("size", [10, 3 << 20], ids=["one-chunk", "three-chunks"])
+@pytest.mark.parametrize("size", [10, 3 << 20], ids=["read-whole", "three-chunks"])
 async def test_a_modified_file_is_never_sent_whole(
     tmp_path: Path, receiver: Receiver, size: int
 ) -> None:
@@ -204,7 +204,10 @@ async def test_a_modified_file_is_never_sent_whole(
     item.path.write_bytes(b"a" * (size - 1) + b"b")  # same size, other bytes
     error = await refused(http_sink(f"{receiver.url}/in/{{name}}"), item)
     assert (error.error_class, error.retryable) == ("modified_during_processing", False)
-    wait_for(lambda: receiver.aborted == 1, timeout=10, what="the receiver to see the abort")
+    if size > 1 << 20:  # streamed: the request is dropped short of its Content-Length
+        wait_for(lambda: receiver.aborted == 1, timeout=10, what="the receiver to see the abort")
+    else:  # up to a MiB the file is read and checked before any request
+        assert receiver.aborted == 0
     assert receiver.stored == {} and receiver.seen == []
 
 

@@ -3,8 +3,9 @@
 
 The source and the sink are on different filesystems in production, so a delivery is
 always a copy, never a rename across (EXDEV): the bytes are streamed with aiofiles
-into a temp name beside the final one, hashed as they are read and checked against
-`Item.sha256`, fsynced, and only then renamed into place. The temp name derives from
+(a file of up to a MiB read and written in one thread call) into a temp name beside
+the final one, hashed as they are read and checked against `Item.sha256`, fsynced,
+and only then renamed into place. The temp name derives from
 the job id and the sink, so the next attempt of the same item finds and removes what
 a crashed attempt left. With `exists: fail` the rename refuses to replace
 (`renameat2(RENAME_NOREPLACE)`, or a hard link where the filesystem lacks it), so a
@@ -28,7 +29,7 @@ import aiofiles
 import anyio
 
 from service.crash import crash_point
-from service.delivery.base import Item, Receipt, Sink, SinkError, modified, unreadable
+from service.delivery.base import Item, Receipt, Sink, SinkError, modified, read_checked, unreadable
 from service.settings.sinks import DirectorySink
 from service.storage.fsutil import fsync_dir, libc
 
@@ -147,7 +148,12 @@ class DirectoryDelivery(Sink):
         raise SinkError("remote_exists", what, retryable=False)
 
     async def _copy(self, item: Item, temp: Path) -> None:
-        """Stream the source into `temp`, hashing; fsync it when the sink asks."""
+        """Stream the source into `temp`, hashing; fsync it when the sink asks. A file of
+        up to `_CHUNK` is read, checked and written in one thread call."""
+        if item.size <= _CHUNK:
+            await anyio.to_thread.run_sync(self._write_whole, item, temp)
+            item.sent(item.size)
+            return
         h = hashlib.sha256()
         total = 0
         try:
@@ -179,6 +185,14 @@ class DirectoryDelivery(Sink):
         finally:
             with anyio.CancelScope(shield=True):
                 await src.close()
+
+    def _write_whole(self, item: Item, temp: Path) -> None:
+        data = read_checked(item)
+        with open(temp, "xb") as dst:
+            dst.write(data)
+            dst.flush()
+            if self.settings.fsync:
+                os.fsync(dst.fileno())
 
     def _published(self, item: Item, final: Path) -> Receipt:
         if self.settings.fsync:

@@ -5,7 +5,8 @@ bytes as `Content-Length` says) has the file, one that sees less has nothing. Th
 body is streamed from the file and hashed as it is read; the last chunk is held back
 until the whole file has been read and checked against `Item.sha256`, so a file that
 changed underneath is never sent whole: the stream raises, the connection is dropped
-short of `Content-Length`, and the receiver discards the partial body.
+short of `Content-Length`, and the receiver discards the partial body. A file of up to
+a MiB is read and checked in one thread call before a byte is sent.
 
 HTTP has no general "is it already there" question, so the sink asks the receiver to
 answer it: every request carries `Idempotency-Key` (the same on every attempt of an
@@ -25,17 +26,16 @@ from typing import Any
 from urllib.parse import quote
 
 import aiofiles
-import aiofiles.os
+import anyio
 import httpx
 
-from service.delivery.base import Item, Receipt, Sink, SinkError, modified, unreadable
+from service.delivery.base import Item, Receipt, Sink, SinkError, modified, read_checked, unreadable
 from service.httpclient import client, verification
 from service.settings.sinks import HttpSink
 
 __all__ = ["HttpDelivery"]
 
 _CHUNK = 1 << 20
-_EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 _BODY_SHOWN = 200
 
 
@@ -100,13 +100,17 @@ class HttpDelivery(Sink):
         if self._client is None:
             raise RuntimeError(f"sink {self.name} is not open")
         where = f"{self.settings.method} {self.location(item)}"
+        method, url, headers = self.settings.method, self.url(item), self._headers(item)
         try:
-            if item.size == 0:
-                await self._check_empty(item)
-            async with aclosing(_body(item)) as body:
-                response = await self._client.request(
-                    self.settings.method, self.url(item), content=body, headers=self._headers(item)
-                )
+            if item.size <= _CHUNK:  # read and checked in one thread call, sent whole
+                whole = await anyio.to_thread.run_sync(read_checked, item)
+                response = await self._client.request(method, url, content=whole, headers=headers)
+                item.sent(item.size)
+            else:
+                async with aclosing(_body(item)) as body:
+                    response = await self._client.request(
+                        method, url, content=body, headers=headers
+                    )
         except _Modified as e:
             raise modified(item, f"{e.size} bytes, sha256 {e.sha256}") from None
         except _Unreadable as e:
@@ -121,15 +125,6 @@ class HttpDelivery(Sink):
             what = f"{where}: connection lost: {_why(e)}"
             raise SinkError("sink_unreachable", what, retryable=True) from None
         return self._judge(item, response, where)
-
-    async def _check_empty(self, item: Item) -> None:
-        """An empty body is whole as soon as the headers are out: check it first."""
-        try:
-            size = (await aiofiles.os.stat(item.path)).st_size
-        except OSError as e:
-            raise _Unreadable(e) from None
-        if size != 0 or item.sha256 != _EMPTY_SHA256:
-            raise _Modified(size, "(not read)" if size else _EMPTY_SHA256)
 
     def _headers(self, item: Item) -> httpx.Headers:
         digest = base64.b64encode(bytes.fromhex(item.sha256)).decode()

@@ -30,15 +30,7 @@ import anyio
 from cryptography.utils import CryptographyDeprecationWarning
 
 from service.crash import crash_point
-from service.delivery.base import (
-    Item,
-    Receipt,
-    Sink,
-    SinkError,
-    modified,
-    read_checked,
-    unreadable,
-)
+from service.delivery.base import Item, Receipt, Sink, SinkError, modified, read_checked, unreadable
 from service.delivery.sftp_connection import Connection
 from service.settings.sinks import SftpSink
 
