@@ -2,14 +2,14 @@
 (another volume, a mounted share), and appears there under its final name whole.
 
 The source and the sink are on different filesystems in production, so a delivery is
-always a copy, never a rename across (EXDEV): the bytes are streamed with aiofiles
-(a file of up to a MiB read and written in one thread call) into a temp name beside
-the final one, hashed as they are read and checked against `Item.sha256`, fsynced,
-and only then renamed into place. The temp name derives from
-the job id and the sink, so the next attempt of the same item finds and removes what
-a crashed attempt left. With `exists: fail` the rename refuses to replace
-(`renameat2(RENAME_NOREPLACE)`, or a hard link where the filesystem lacks it), so a
-file that appeared meanwhile is judged by its bytes, never overwritten.
+always a copy, never a rename across (EXDEV): the bytes are streamed with aiofiles (a
+file of up to a MiB read and written in one thread call) into a temp name beside the
+final one, hashed as they are read and checked against `Item.sha256`, fsynced, and
+only then renamed into place. The temp name derives from the job id and the sink, so
+the next attempt of the same item finds and removes what a crashed attempt left. With
+`exists: fail` the rename refuses to replace (`renameat2(RENAME_NOREPLACE)`, or a hard
+link where the filesystem lacks it), so a file that appeared meanwhile is judged by
+its bytes, never overwritten.
 
 aiofiles rather than a kernel copy: `copy_file_range` refuses to cross filesystems
 (EXDEV), and `sendfile` hashes nothing, so the temp would be read a second time.

@@ -101,7 +101,8 @@ class S3Sink(_Sink):
     # `sha256`: the store checks the body against x-amz-checksum-sha256 (and the body
     # is not signed too); `none`: no checksum header (stores that reject it), the body
     # signed where the endpoint is plain http. Either way a PUT carries its Content-MD5,
-    # and a HEAD checks size and our x-amz-meta-sha256 after the upload.
+    # and what the store holds after is checked: a PUT's ETag against that MD5, or a
+    # HEAD of size and our x-amz-meta-sha256.
     checksum: Literal["sha256", "none"] = "sha256"
     # botocore's own CRC checksums, which some S3-compatible stores reject.
     request_checksum_calculation: Literal["when_required", "when_supported"] = "when_required"
