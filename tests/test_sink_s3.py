@@ -492,12 +492,16 @@ async def test_missing_credential_is_a_config_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("checksum", ["sha256", "none"])
-async def test_botocore_checksums_on_streamed_parts(
-    s3_server: S3Server, bucket: str, tmp_path: Path, checksum: str
+@pytest.mark.parametrize(
+    "size", [1000, 3 * MiB, 11 * MiB], ids=["put", "streamed-put", "multipart"]
+)
+async def test_botocore_checksums_on_streamed_bodies(
+    s3_server: S3Server, bucket: str, tmp_path: Path, checksum: str, size: int
 ) -> None:
-    """With `request_checksum_calculation: when_supported` botocore reads each streamed
-    part once more for its own CRC: the parts still arrive whole and are checked."""
-    it = item(tmp_path, "crc.bin", os.urandom(11 * MiB))
+    """With `request_checksum_calculation: when_supported` botocore reads each body once
+    more for its own CRC, a streamed one too: the bodies still arrive whole and are
+    checked."""
+    it = item(tmp_path, "crc.bin", os.urandom(size))
     s = settings(
         s3_server,
         bucket,
@@ -508,5 +512,6 @@ async def test_botocore_checksums_on_streamed_parts(
     )
     async with opened(s) as sink:
         receipt = await sink.deliver(it)
-    assert receipt.remote["multipart"] is True and receipt.remote["parts"] == 3
+    assert receipt.remote["multipart"] is (size > 5 * MiB)
+    assert receipt.remote["parts"] == -(-size // (5 * MiB))
     assert s3_server.get(bucket, "in/crc.bin") == it.path.read_bytes()
