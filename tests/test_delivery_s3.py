@@ -19,7 +19,9 @@ from s3servers import S3Server
 MiB = 1 << 20
 
 
-def configure(tree: FiledockTree, s3_server: S3Server, bucket: str) -> dict[str, str]:
+def configure(
+    tree: FiledockTree, s3_server: S3Server, bucket: str, **options: Any
+) -> dict[str, str]:
     """A hub route to `bucket`; the credentials in the environment, as a pod gets them."""
     sink = {
         "name": "lake",
@@ -32,6 +34,7 @@ def configure(tree: FiledockTree, s3_server: S3Server, bucket: str) -> dict[str,
         "secret_access_key": {"env": "LAKE_SECRET"},
         "multipart_threshold_bytes": 5 * MiB,
         "part_size_bytes": 5 * MiB,
+        **options,
     }
     tree.configure(routes=[{"name": "hub", "match": "**", "importer": "none", "deliver": [sink]}])
     return {"LAKE_KEY_ID": s3_server.access_key, "LAKE_SECRET": s3_server.secret}
@@ -79,6 +82,30 @@ def test_an_upload_killed_at_any_point_ends_as_one_object_with_a_receipt(
     assert receipt["remote"]["etag"]
     manifest = json.loads((Path(job["archive_path"]) / "manifest.json").read_text())
     assert manifest["deliveries"] == job["deliveries"]
+
+
+def test_a_lost_answer_without_head_first_is_found_by_the_refused_put(
+    tree: FiledockTree, s3_server: S3Server
+) -> None:
+    """`head_first: false`, killed after the PUT and before its ledger write. On restart
+    the conditional PUT is refused (SeaweedFS) and a HEAD finds our bytes: `found`.
+    rclone's store takes the PUT again (it ignores If-None-Match): the same bytes."""
+    bucket = s3_server.make_bucket()
+    secrets = configure(tree, s3_server, bucket, head_first=False)
+    tree.drop("eu/small.csv", b"id,qty\n1,2\n")
+    crashed = tree.run_once(env=tree.env(FILEDOCK_TEST_CRASH_AT="after_delivery:1", **secrets))
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
+    again = tree.run_once(env=tree.env(**secrets))
+    assert again.returncode == 0, again.stderr[-2000:]
+
+    job = show(tree, tree.env(**secrets))
+    assert job["state"] == "done"
+    assert s3_server.keys(bucket) == ["hub/eu/small.csv"]
+    assert s3_server.get(bucket, "hub/eu/small.csv") == b"id,qty\n1,2\n"
+    (sink,) = job["deliveries"]
+    assert (sink["state"], sink["attempts"]) == ("delivered", 2)
+    (receipt,) = sink["receipts"]
+    assert receipt["found"] is (s3_server.name == "seaweedfs")
 
 
 def test_a_wrong_secret_stops_the_delivery_for_good_without_printing_it(
