@@ -34,7 +34,7 @@ from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError, ParamValidationError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from service.delivery.base import Item, Receipt, Sink, SinkError, modified, unreadable
+from service.delivery.base import Item, Receipt, Sink, SinkError, modified, read_checked, unreadable
 from service.delivery.s3_parts import FileWindow, Multipart, error_code, hashed
 from service.settings.sinks import S3Sink
 
@@ -318,24 +318,15 @@ class S3Delivery(Sink):
 
 
 def _read_checked(item: Item) -> tuple[io.BytesIO, str]:
-    """The file's bytes in a BytesIO of their own, and their MD5, once their size and
-    SHA-256 are the claim's: one call in a worker thread.
+    """The file's bytes (`read_checked`) in a BytesIO of their own, and their MD5: one
+    call in a worker thread.
 
     aiohttp wants a large body as a BytesIO (it warns about raw bytes) and takes its
-    `getbuffer()`, which copies the bytes while anything else holds them: so they are
-    read in place into the buffer of a BytesIO that alone owns it.
+    `getbuffer()`, which copies the bytes while anything else holds them: once this
+    returns, the BytesIO alone does.
     """
-    body = io.BytesIO(bytes(item.size))
-    with open(item.path, "rb", buffering=0) as f, body.getbuffer() as view:
-        got = 0
-        while got < item.size and (n := f.readinto(view[got:])):
-            got += n
-        if got != item.size or f.read(1):
-            raise modified(item, "another size")
-        sha, md5 = hashlib.sha256(view), hashlib.md5(view, usedforsecurity=False)
-    if sha.hexdigest() != item.sha256:
-        raise modified(item, f"sha256 {sha.hexdigest()}")
-    return body, md5.hexdigest()
+    data = read_checked(item)
+    return io.BytesIO(data), hashlib.md5(data, usedforsecurity=False).hexdigest()
 
 
 def _checked_md5(item: Item, fd: int) -> str:
