@@ -207,6 +207,23 @@ async def test_other_bytes_there_fail_or_are_replaced(
     assert s3_server.keys(bucket) == ["in/x.csv"]
 
 
+async def assert_theirs_kept_where_honoured(
+    s3_server: S3Server, bucket: str, sink: S3Delivery, it: Item, theirs: bytes
+) -> None:
+    """`it` goes where another's object (`theirs`) is: SeaweedFS honours the PUT's
+    If-None-Match: *, and the sink says remote_exists and leaves theirs; rclone's
+    server ignores the header, and ours replaces theirs."""
+    key = sink.key(it)
+    if s3_server.name == "rclone":
+        await sink.deliver(it)
+        assert s3_server.get(bucket, key) == it.path.read_bytes()
+        return
+    with pytest.raises(SinkError) as e:
+        await sink.deliver(it)
+    assert e.value.error_class == "remote_exists"
+    assert s3_server.get(bucket, key) == theirs
+
+
 async def test_object_appearing_after_the_check(
     s3_server: S3Server, bucket: str, tmp_path: Path
 ) -> None:
@@ -228,14 +245,7 @@ async def test_object_appearing_after_the_check(
             return await real_head(client, key)
 
         sink._head = head_then_race  # type: ignore[method-assign]
-        if s3_server.name == "rclone":
-            await sink.deliver(it)
-            assert s3_server.get(bucket, "in/race.csv") == b"ours\n"
-            return
-        with pytest.raises(SinkError) as e:
-            await sink.deliver(it)
-    assert e.value.error_class == "remote_exists"
-    assert s3_server.get(bucket, "in/race.csv") == b"theirs\n"
+        await assert_theirs_kept_where_honoured(s3_server, bucket, sink, it, b"theirs\n")
 
 
 async def test_without_head_first_the_conditional_put_alone_decides(
@@ -261,14 +271,7 @@ async def test_without_head_first_the_conditional_put_alone_decides(
 
         s3_server.put(bucket, "in/theirs.csv", b"theirs\n")
         other = item(tmp_path, "theirs.csv", b"ours\n")
-        if not honoured:
-            await sink.deliver(other)
-            assert s3_server.get(bucket, "in/theirs.csv") == b"ours\n"
-            return
-        with pytest.raises(SinkError) as e:
-            await sink.deliver(other)
-    assert e.value.error_class == "remote_exists"
-    assert s3_server.get(bucket, "in/theirs.csv") == b"theirs\n"
+        await assert_theirs_kept_where_honoured(s3_server, bucket, sink, other, b"theirs\n")
 
 
 async def test_leftover_multipart_upload_is_aborted(
