@@ -22,6 +22,9 @@ and ratios are taken round by round.
 Contenders are named: `filedock[-s<N>][-r<N>][-m<N>][-p<MiB>][-h0]` (sink concurrency,
 route concurrency, `max_concurrency`, part size, `head_first: false`) and
 `rclone[-t<N>][-c<N>][-u<N>]` (`--transfers`, `--checkers`, `--s3-upload-concurrency`).
+`intake[-r<N>][-m<N>]` is the same service and route with no sink: what filedock's own
+intake (claim, hash, ledger, archive, barriers) takes for the same files, the floor
+under every filedock contender; its run checks that every job ended `done`.
 Every object is listed after its run, a sample of small ones and every big one read
 back and SHA-256 checked.
 
@@ -100,20 +103,26 @@ MEASURES = (
 )
 
 
+TOOLS = {"filedock": "srmph", "intake": "rm", "rclone": "tcu"}  # and their option letters
+
+
 @dataclass
 class Contender:
     """A named configuration of one tool."""
 
     name: str
-    tool: str  # "filedock" | "rclone"
+    tool: str  # a key of `TOOLS`: "intake" is filedock with no sink
     opts: dict[str, int] = field(default_factory=dict)
 
     @classmethod
-    def parse(cls, name: str) -> Contender:
+    def parse(cls, name: str, tools: dict[str, str] | None = None) -> Contender:
+        """`tools`: each tool's option letters (this benchmark's by default)."""
+        tools = tools or TOOLS
         tool, *parts = name.split("-")
-        known = {"filedock": "srmph", "rclone": "tcu"}.get(tool)
+        known = tools.get(tool)
         if known is None:
-            raise ValueError(f"{name}: a contender is filedock[-...] or rclone[-...]")
+            what = ", ".join(f"{t}[-...]" for t in tools)
+            raise ValueError(f"{name}: a contender is one of {what}")
         opts = {}
         for part in parts:
             m = re.fullmatch(rf"([{known}])(\d+)", part)
@@ -169,7 +178,9 @@ def filedock_config(ctx: Ctx, c: Contender, bucket: str) -> dict[str, Any]:
         sink["concurrency"] = c.opts["s"]
     if "h" in c.opts:
         sink["head_first"] = bool(c.opts["h"])
-    route: dict[str, Any] = {"name": "hub", "match": "**", "importer": "none", "deliver": [sink]}
+    route: dict[str, Any] = {"name": "hub", "match": "**", "importer": "none"}
+    if c.tool == "filedock":
+        route["deliver"] = [sink]
     if "r" in c.opts:
         route["concurrency"] = c.opts["r"]
     doc: dict[str, Any] = {"routes": [route]}
@@ -259,7 +270,11 @@ def run_filedock(
         fd.stop()
     weed_cpu = _cpu_of(ctx.weed_pid) - weed0
     failed = counts.get("failed", 0)
-    verdict = verify_bucket(ctx, bucket, sources)
+    if c.tool == "intake":
+        verdict = verify_jobs(counts, expected)
+        ctx.bad_objects += expected - verdict["jobs_done"]
+    else:
+        verdict = verify_bucket(ctx, bucket, sources)
     log_tail = fd.logfile.read_bytes()[-1500:].decode("utf-8", "replace") if failed else ""
 
     def since(t: float | None) -> float | None:
@@ -432,6 +447,12 @@ def make_big(path: Path, size: int) -> str:
     return sha.hexdigest()
 
 
+def verify_jobs(counts: dict[str, int], expected: int) -> dict[str, Any]:
+    """An `intake` run's check: every job ended `done` (nothing was sent anywhere)."""
+    done = counts.get("done", 0)
+    return {"jobs_done": done, "expected": expected, "ok": done == expected}
+
+
 def verify_bucket(ctx: Ctx, bucket: str, sources: dict[str, str]) -> dict[str, Any]:
     """Every name is a key, and no other; a sample of them (`SAMPLE_GETS`) is read back
     whole and has the source's SHA-256."""
@@ -522,7 +543,7 @@ def run_case(
     expected: int,
     sample_s: float,
 ) -> dict[str, Any]:
-    runners = {"filedock": run_filedock, "rclone": run_rclone}
+    runners = {"filedock": run_filedock, "intake": run_filedock, "rclone": run_rclone}
     given = {"place": place, "expected": expected, "sample_s": sample_s}
     runs = run_rounds(ctx, case, contenders, rounds, runners, given, _brief)
     return summarise(case, contenders, runs, expected)
@@ -598,20 +619,27 @@ def ratios(
     n: int,
     measures: Sequence[str],
 ) -> dict[str, Any]:
-    """Each contender's measures, and rclone's time over filedock's, per round, for
-    every pair of them."""
+    """Each contender's measures, and a peer's time (rclone's, a library floor's)
+    over filedock's, the intake's alone and the floor's, per round, for every pair."""
     out: dict[str, Any] = {"files": n, "runs": runs, "contenders": {}, "ratios": {}}
     for c in contenders:
         rs = runs[c.name]
         out["contenders"][c.name] = {key: summary([r.get(key) for r in rs]) for key in measures}
-    fds = [c.name for c in contenders if c.tool == "filedock"]
-    rcs = [c.name for c in contenders if c.tool == "rclone"]
-    for f in fds:
-        for rc in rcs:
+    subjects = [c.name for c in contenders if c.tool != "rclone"]
+    peers = [c.name for c in contenders if c.tool not in ("filedock", "intake")]
+    for f in subjects:
+        for rc in peers:
+            if rc == f:
+                continue
             pairs = list(zip(runs[f], runs[rc], strict=True))
             out["ratios"][f"{rc} / {f}"] = {
                 "done": summary([b["seconds"] / a["seconds"] for a, b in pairs]),
-                "last_receipt": summary([b["seconds"] / a["last_delivered_s"] for a, b in pairs]),
+                "last_receipt": summary(
+                    [
+                        b["seconds"] / a["last_delivered_s"] if a.get("last_delivered_s") else None
+                        for a, b in pairs
+                    ]
+                ),
             }
     return out
 
@@ -650,7 +678,7 @@ def table(results: dict[str, Any]) -> str:
                 f"| {name} | {fmt(s['seconds'], 2)} | {fmt(s['last_delivered_s'], 2)} | "
                 f"{fmt(s['cpu_s'], 1)} | {fmt(s['weed_cpu_s'], 1)} | {pss} |"
             )
-        lines += ["", "| rclone time ÷ filedock time, per round | to last done | to last receipt |"]
+        lines += ["", "| time ÷ time, per round | to last done | to last receipt |"]
         lines.append("|---|---|---|")
         for pair, s in r["ratios"].items():
             lines.append(f"| {pair} | {fmt(s['done'], 2)} | {fmt(s['last_receipt'], 2)} |")

@@ -22,9 +22,11 @@ by round.
 
 Contenders are named `filedock[-s<N>][-r<N>][-m<N>]` (sink `concurrency`, route
 `concurrency`, `max_concurrency`) and `rclone[-t<N>][-c<N>]` (`--transfers`,
-`--checkers`). The server's CPU (sshd and its per-login processes) is sampled per run.
-After each run every file is listed on the server's disk with its size, a sample of
-the small ones and every big one SHA-256 checked.
+`--checkers`). Two floors: `intake[-r<N>][-m<N>]` is the service with no sink (its
+own intake: claim, hash, ledger, archive), and `asyncssh[-t<N>]` the library alone
+uploading the same files over N sessions (`sftp_floor.py`). The server's CPU (sshd and its per-login
+processes) is sampled per run. After each run every file is listed on the server's
+disk with its size, a sample of the small ones and every big one SHA-256 checked.
 
 Prints a JSON summary and the tables; writes bench/results/sftp-<stamp>.json. Exits 1
 when a file is missing or wrong, 2 when the harness could not measure, never on a
@@ -75,6 +77,7 @@ from bench_delivery import (  # noqa: E402
     run_rounds,
     small_files,
     targets_table,
+    verify_jobs,
 )
 from fdbench.common import (  # noqa: E402
     BenchError,
@@ -103,21 +106,19 @@ QUICK = {
     "small_rounds": 1,
     "big_rounds": 1,
 }
-SMALL_CONTENDERS = "filedock,rclone,filedock-s8-r8-m8,rclone-t8"  # 8: under sshd MaxSessions 10
-BIG_CONTENDERS = "filedock,rclone"
+# 8: under sshd's MaxSessions 10
+SMALL_CONTENDERS = "filedock,intake,asyncssh,rclone,filedock-s8-r8-m8,rclone-t8"
+BIG_CONTENDERS = "filedock,intake,asyncssh,rclone"
 REMOTE = "BENCHSFTP"
 SAMPLE_READS = 20  # small files read back and checked per run
 TARGET = 0.8
 MEASURES = ("seconds", "last_delivered_s", "cpu_s", "sshd_cpu_s", "peak_pss_mib", "load1_before")
-ALLOWED = {"filedock": set("srm"), "rclone": set("tc")}
+TOOLS = {"filedock": "srm", "intake": "rm", "rclone": "tc", "asyncssh": "t"}
+FLOOR = BENCH / "sftp_floor.py"
 
 
 def parse_contender(name: str) -> Contender:
-    c = Contender.parse(name)
-    extra = set(c.opts) - ALLOWED[c.tool]
-    if extra:
-        raise ValueError(f"{name}: {', '.join(sorted(extra))} means nothing over SFTP")
-    return c
+    return Contender.parse(name, TOOLS)
 
 
 @dataclass
@@ -196,7 +197,9 @@ def filedock_config(ctx: Ctx, c: Contender, folder: str) -> dict[str, Any]:
     }
     if "s" in c.opts:
         sink["concurrency"] = c.opts["s"]
-    route: dict[str, Any] = {"name": "hub", "match": "**", "importer": "none", "deliver": [sink]}
+    route: dict[str, Any] = {"name": "hub", "match": "**", "importer": "none"}
+    if c.tool == "filedock":
+        route["deliver"] = [sink]
     if "r" in c.opts:
         route["concurrency"] = c.opts["r"]
     doc: dict[str, Any] = {"routes": [route]}
@@ -255,6 +258,13 @@ def run_filedock(
     def since(t: float | None) -> float | None:
         return None if t is None else t - t0
 
+    def verify() -> dict[str, Any]:
+        if c.tool == "filedock":
+            return verify_folder(ctx, folder, sources)
+        verdict = verify_jobs(counts, expected)
+        ctx.bad_files += expected - verdict["jobs_done"]
+        return verdict
+
     return {
         "folder": folder,
         "config": filedock_config(ctx, c, folder),
@@ -270,7 +280,7 @@ def run_filedock(
         "peak_pss_mib": max(s[1] for s in pss) / 1024 if pss else None,
         "peak_pss_main_mib": _pss_of(fd.pid) / 1024 if fd.alive() else None,
         "failed_jobs": failed,
-        "verify": verify_folder(ctx, folder, sources),
+        "verify": verify(),
         "log_tail": log_tail,
     }
 
@@ -306,19 +316,28 @@ def rclone_argv(ctx: Ctx, c: Contender, src: Path, folder: str) -> list[str]:
     return argv
 
 
-def run_rclone(
+def floor_argv(ctx: Ctx, c: Contender, src: Path, folder: str) -> list[str]:
+    argv = [ctx.python, str(FLOOR), "--port", str(ctx.server.port), "--user", ctx.server.user]
+    argv += ["--key", str(ctx.server.key), "--known-hosts", str(ctx.known_hosts)]
+    argv += ["--sessions", str(c.opts.get("t", 4)), str(src), folder]
+    return argv
+
+
+def run_client(
     ctx: Ctx, c: Contender, work: Path, place: Any, expected: int, label: str, sample_s: float
 ) -> dict[str, Any]:
+    """A one-shot client run from its start to its exit: rclone, or the library's
+    floor (`sftp_floor.py`)."""
     folder = ctx.folder(label)
     src = work / "src"
     src.mkdir()
     sources = place(src)
     env = rclone_env(ctx, work)
-    argv = rclone_argv(ctx, c, src, folder)
+    argv = (rclone_argv if c.tool == "rclone" else floor_argv)(ctx, c, src, folder)
     ctx.settle_now()
     sshd = ServerCpu(ctx.sshd_pid)
     ended: dict[str, Any] = {}
-    with open(work / "rclone.log", "wb") as log:
+    with open(work / "client.log", "wb") as log:
         t0 = time.time()
         p = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
 
@@ -336,7 +355,7 @@ def run_rclone(
     p.returncode = os.waitstatus_to_exitcode(ended["status"])
     sshd_cpu = sshd.used()
     if p.returncode != 0:
-        tail = (work / "rclone.log").read_text(errors="replace")[-1500:]
+        tail = (work / "client.log").read_text(errors="replace")[-1500:]
         raise BenchError(f"{c.name} exited {p.returncode}: {tail}")
     usage: resource.struct_rusage = ended["usage"]
     return {
@@ -400,7 +419,12 @@ def run_case(
     expected: int,
     sample_s: float,
 ) -> dict[str, Any]:
-    runners = {"filedock": run_filedock, "rclone": run_rclone}
+    runners = {
+        "filedock": run_filedock,
+        "intake": run_filedock,
+        "rclone": run_client,
+        "asyncssh": run_client,
+    }
     given = {"place": place, "expected": expected, "sample_s": sample_s}
     runs = run_rounds(ctx, case, contenders, rounds, runners, given, _brief)
     return summarise(case, contenders, runs, expected)
@@ -450,7 +474,7 @@ def table(results: dict[str, Any]) -> str:
                 f"| {name} | {fmt(s['seconds'], 2)} | {fmt(s['last_delivered_s'], 2)} | "
                 f"{fmt(s['cpu_s'], 1)} | {fmt(s['sshd_cpu_s'], 1)} | {fmt(s['peak_pss_mib'], 1)} |"
             )
-        lines += ["", "| rclone time ÷ filedock time, per round | to last done | to last receipt |"]
+        lines += ["", "| time ÷ time, per round | to last done | to last receipt |"]
         lines.append("|---|---|---|")
         for pair, s in r["ratios"].items():
             lines.append(f"| {pair} | {fmt(s['done'], 2)} | {fmt(s['last_receipt'], 2)} |")
@@ -503,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     lists = {"small": args.small_contenders, "big": args.big_contenders}
     if args.quick:
-        lists = {"small": "filedock,rclone", "big": "filedock,rclone"}
+        lists = dict.fromkeys(("small", "big"), "filedock,intake,asyncssh,rclone")
     try:
         contenders = {
             k: [parse_contender(n.strip()) for n in v.split(",")] for k, v in lists.items()

@@ -16,12 +16,15 @@ import logging
 import warnings
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 import anyio
 from cryptography.utils import CryptographyDeprecationWarning
 
 from service.delivery.base import SinkError
-from service.settings.sinks import SftpSink
+
+if TYPE_CHECKING:  # the settings' models are not needed to import CIPHERS (bench/sftp_floor.py)
+    from service.settings.sinks import SftpSink
 
 with warnings.catch_warnings():
     # asyncssh names cryptography's DSA types as it imports, which cryptography
@@ -29,7 +32,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", CryptographyDeprecationWarning)
     import asyncssh
 
-__all__ = ["GONE", "Connection"]
+__all__ = ["CIPHERS", "GONE", "Connection"]
 
 log = logging.getLogger("filedock.delivery")
 
@@ -48,7 +51,7 @@ _KEEPALIVE_S = 30.0
 # chacha20-poly1305 packet and reuses one for AES-GCM, which OpenSSL runs on the CPU's
 # AES instructions: half the CPU for a large upload (docs/benchmarks.md, "Delivery over
 # SFTP"). A server that offers no AES-GCM negotiates the next one it has.
-_CIPHERS = (
+CIPHERS = (
     "aes128-gcm@openssh.com",
     "aes256-gcm@openssh.com",
     "chacha20-poly1305@openssh.com",
@@ -111,7 +114,7 @@ class Connection:
             known_hosts=known,
             config=None,
             agent_path=None,
-            encryption_algs=list(_CIPHERS),
+            encryption_algs=list(CIPHERS),
             connect_timeout=min(s.timeout_s, 30.0),
             keepalive_interval=_KEEPALIVE_S,
         )
