@@ -24,9 +24,10 @@ Contenders are named `filedock[-s<N>][-r<N>][-m<N>]` (sink `concurrency`, route
 `concurrency`, `max_concurrency`) and `rclone[-t<N>][-c<N>]` (`--transfers`,
 `--checkers`). Two floors: `intake[-r<N>][-m<N>]` is the service with no sink (its
 own intake: claim, hash, ledger, archive), and `asyncssh[-t<N>]` the library alone
-uploading the same files over N sessions (`sftp_floor.py`). The server's CPU (sshd and its per-login
-processes) is sampled per run. After each run every file is listed on the server's
-disk with its size, a sample of the small ones and every big one SHA-256 checked.
+uploading the same files over N sessions (`sftp_floor.py`). The server's CPU (sshd
+and its per-login processes) is sampled per run. After each run every file is listed
+on the server's disk with its size, a sample of the small ones and every big one
+SHA-256 checked.
 
 Prints a JSON summary and the tables; writes bench/results/sftp-<stamp>.json. Exits 1
 when a file is missing or wrong, 2 when the harness could not measure, never on a

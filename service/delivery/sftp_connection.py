@@ -23,7 +23,7 @@ from cryptography.utils import CryptographyDeprecationWarning
 
 from service.delivery.base import SinkError
 
-if TYPE_CHECKING:  # the settings' models are not needed to import CIPHERS (bench/sftp_floor.py)
+if TYPE_CHECKING:  # so that CIPHERS comes without the settings' models and their start-up
     from service.settings.sinks import SftpSink
 
 with warnings.catch_warnings():
