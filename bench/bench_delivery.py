@@ -22,9 +22,10 @@ and ratios are taken round by round.
 Contenders are named: `filedock[-s<N>][-r<N>][-m<N>][-p<MiB>][-h0]` (sink concurrency,
 route concurrency, `max_concurrency`, part size, `head_first: false`) and
 `rclone[-t<N>][-c<N>][-u<N>]` (`--transfers`, `--checkers`, `--s3-upload-concurrency`).
-`intake[-r<N>][-m<N>]` is the same service and route with no sink: what filedock's own
-intake (claim, hash, ledger, archive, barriers) takes for the same files, the floor
-under every filedock contender; its run checks that every job ended `done`.
+Two floors: `intake[-r<N>][-m<N>]` is the same service and route with no sink, what
+filedock's own intake (claim, hash, ledger, archive, barriers) takes for the same
+files (its run checks that every job ended `done`); `aiobotocore[-t<N>]` is the library
+the sink is built on, alone: a PUT a file, N at once (`s3_floor.py`).
 Every object is listed after its run, a sample of small ones and every big one read
 back and SHA-256 checked.
 
@@ -87,7 +88,7 @@ FULL = {
     "big_rounds": 2,
 }
 QUICK = {"files": 300, "file_size": 1024, "big_bytes": 80 * MiB, "small_rounds": 1, "big_rounds": 1}
-SMALL_CONTENDERS = "filedock,rclone,filedock-s16-r16-m16,rclone-t16"
+SMALL_CONTENDERS = "filedock,intake,aiobotocore,rclone,filedock-s16-r16-m16,rclone-t16"
 BIG_CONTENDERS = "filedock,rclone,filedock-p5"
 KEY_ENV = ("BENCH_S3_KEY_ID", "BENCH_S3_SECRET")
 REMOTE = "BENCHS3"
@@ -103,7 +104,9 @@ MEASURES = (
 )
 
 
-TOOLS = {"filedock": "srmph", "intake": "rm", "rclone": "tcu"}  # and their option letters
+# The contenders' tools and their option letters.
+TOOLS = {"filedock": "srmph", "intake": "rm", "rclone": "tcu", "aiobotocore": "t"}
+FLOOR = BENCH / "s3_floor.py"
 
 
 @dataclass
@@ -342,7 +345,8 @@ def _stop_spy(spy: subprocess.Popen[bytes] | None) -> None:
 
 
 def rclone_env(ctx: Ctx, work: Path) -> dict[str, str]:
-    """The remote, all in environment variables (no config file is read)."""
+    """The remote, all in environment variables (no config file is read), and the
+    store's credentials where botocore looks for them (for `s3_floor.py`)."""
     p = f"RCLONE_CONFIG_{REMOTE}_"
     conf = work / "rclone.conf"
     conf.touch()
@@ -355,6 +359,8 @@ def rclone_env(ctx: Ctx, work: Path) -> dict[str, str]:
         p + "ACCESS_KEY_ID": ctx.server.access_key,
         p + "SECRET_ACCESS_KEY": ctx.server.secret,
         p + "FORCE_PATH_STYLE": "true",
+        "AWS_ACCESS_KEY_ID": ctx.server.access_key,
+        "AWS_SECRET_ACCESS_KEY": ctx.server.secret,
     }
 
 
@@ -367,19 +373,26 @@ def rclone_argv(ctx: Ctx, c: Contender, src: Path, bucket: str) -> list[str]:
     return argv
 
 
-def run_rclone(
+def floor_argv(ctx: Ctx, c: Contender, src: Path, bucket: str) -> list[str]:
+    argv = [ctx.python, str(FLOOR), "--endpoint", ctx.server.endpoint_url]
+    return [*argv, "--concurrency", str(c.opts.get("t", 4)), str(src), bucket]
+
+
+def run_client(
     ctx: Ctx, c: Contender, work: Path, place: Any, expected: int, label: str, sample_s: float
 ) -> dict[str, Any]:
+    """A one-shot client run from its start to its exit: rclone, or the library's
+    floor (`s3_floor.py`)."""
     bucket = ctx.server.make_bucket("rc")
     src = work / "src"
     src.mkdir()
     sources = place(src)
     env = rclone_env(ctx, work)
-    argv = rclone_argv(ctx, c, src, bucket)
+    argv = (rclone_argv if c.tool == "rclone" else floor_argv)(ctx, c, src, bucket)
     ctx.settle_now()
     weed0 = _cpu_of(ctx.weed_pid)
     ended: dict[str, Any] = {}
-    with open(work / "rclone.log", "wb") as log:
+    with open(work / "client.log", "wb") as log:
         t0 = time.time()
         p = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
 
@@ -396,7 +409,7 @@ def run_rclone(
     p.returncode = os.waitstatus_to_exitcode(ended["status"])
     weed_cpu = _cpu_of(ctx.weed_pid) - weed0
     if p.returncode != 0:
-        tail = (work / "rclone.log").read_text(errors="replace")[-1500:]
+        tail = (work / "client.log").read_text(errors="replace")[-1500:]
         raise BenchError(f"{c.name} exited {p.returncode}: {tail}")
     usage: resource.struct_rusage = ended["usage"]
     return {
@@ -543,7 +556,12 @@ def run_case(
     expected: int,
     sample_s: float,
 ) -> dict[str, Any]:
-    runners = {"filedock": run_filedock, "intake": run_filedock, "rclone": run_rclone}
+    runners = {
+        "filedock": run_filedock,
+        "intake": run_filedock,
+        "rclone": run_client,
+        "aiobotocore": run_client,
+    }
     given = {"place": place, "expected": expected, "sample_s": sample_s}
     runs = run_rounds(ctx, case, contenders, rounds, runners, given, _brief)
     return summarise(case, contenders, runs, expected)
@@ -795,7 +813,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     lists = {"small": args.small_contenders, "big": args.big_contenders}
     if args.quick:
-        lists = {"small": "filedock,rclone", "big": "filedock,rclone"}
+        lists = dict.fromkeys(("small", "big"), "filedock,intake,aiobotocore,rclone")
     try:
         contenders = {
             k: [Contender.parse(n.strip()) for n in v.split(",")] for k, v in lists.items()
