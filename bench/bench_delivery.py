@@ -391,8 +391,39 @@ def run_client(
     argv = (rclone_argv if c.tool == "rclone" else floor_argv)(ctx, c, src, bucket)
     ctx.settle_now()
     weed0 = _cpu_of(ctx.weed_pid)
+    run = timed_client(c.name, argv, env, work / "client.log", sample_s)
+    return {
+        "bucket": bucket,
+        "argv": [os.path.basename(argv[0]), *argv[1:]],
+        "seconds": run.seconds,
+        "cpu_s": run.usage.ru_utime + run.usage.ru_stime,
+        "weed_cpu_s": _cpu_of(ctx.weed_pid) - weed0,
+        "peak_pss_mib": run.peak_pss_mib,
+        "peak_rss_mib": run.usage.ru_maxrss / 1024,
+        "verify": verify_bucket(ctx, bucket, sources),
+    }
+
+
+@dataclass
+class ClientRun:
+    seconds: float  # from its start to its exit
+    usage: resource.struct_rusage  # its own, from wait4
+    peak_pss_mib: float | None
+
+
+def timed_client(
+    name: str,
+    argv: list[str],
+    env: dict[str, str],
+    log_path: Path,
+    every_s: float,
+    sample: Callable[[], None] = lambda: None,
+) -> ClientRun:
+    """Run a one-shot client to its exit, its output in `log_path`, sampling its PSS
+    (and calling `sample`) every `every_s`; `BenchError` with the log's tail when it
+    fails."""
     ended: dict[str, Any] = {}
-    with open(work / "client.log", "wb") as log:
+    with open(log_path, "wb") as log:
         t0 = time.time()
         p = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
 
@@ -405,23 +436,14 @@ def run_client(
     pss: list[int] = []
     while waiter.is_alive():
         pss.append(mem_kib(p.pid)["Pss"])
-        waiter.join(sample_s)
+        sample()
+        waiter.join(every_s)
     p.returncode = os.waitstatus_to_exitcode(ended["status"])
-    weed_cpu = _cpu_of(ctx.weed_pid) - weed0
     if p.returncode != 0:
-        tail = (work / "client.log").read_text(errors="replace")[-1500:]
-        raise BenchError(f"{c.name} exited {p.returncode}: {tail}")
-    usage: resource.struct_rusage = ended["usage"]
-    return {
-        "bucket": bucket,
-        "argv": [os.path.basename(argv[0]), *argv[1:]],
-        "seconds": ended["t"] - t0,
-        "cpu_s": usage.ru_utime + usage.ru_stime,
-        "weed_cpu_s": weed_cpu,
-        "peak_pss_mib": max((v for v in pss if v), default=0) / 1024 or None,
-        "peak_rss_mib": usage.ru_maxrss / 1024,
-        "verify": verify_bucket(ctx, bucket, sources),
-    }
+        tail = log_path.read_text(errors="replace")[-1500:]
+        raise BenchError(f"{name} exited {p.returncode}: {tail}")
+    peak = max((v for v in pss if v), default=0) / 1024 or None
+    return ClientRun(ended["t"] - t0, ended["usage"], peak)
 
 
 # -- files and checks ----------------------------------------------------------------

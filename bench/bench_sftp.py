@@ -42,13 +42,11 @@ import hashlib
 import json
 import os
 import random
-import resource
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +76,7 @@ from bench_delivery import (  # noqa: E402
     run_rounds,
     small_files,
     targets_table,
+    timed_client,
     verify_jobs,
 )
 from fdbench.common import (  # noqa: E402
@@ -337,35 +336,14 @@ def run_client(
     argv = (rclone_argv if c.tool == "rclone" else floor_argv)(ctx, c, src, folder)
     ctx.settle_now()
     sshd = ServerCpu(ctx.sshd_pid)
-    ended: dict[str, Any] = {}
-    with open(work / "client.log", "wb") as log:
-        t0 = time.time()
-        p = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-    def reap() -> None:  # wait4 gives the exit time and the child's own rusage
-        _, status, usage = os.wait4(p.pid, 0)
-        ended.update(t=time.time(), status=status, usage=usage)
-
-    waiter = threading.Thread(target=reap)
-    waiter.start()
-    pss: list[int] = []
-    while waiter.is_alive():
-        pss.append(mem_kib(p.pid)["Pss"])
-        sshd.sample()
-        waiter.join(min(sample_s, 0.05))
-    p.returncode = os.waitstatus_to_exitcode(ended["status"])
-    sshd_cpu = sshd.used()
-    if p.returncode != 0:
-        tail = (work / "client.log").read_text(errors="replace")[-1500:]
-        raise BenchError(f"{c.name} exited {p.returncode}: {tail}")
-    usage: resource.struct_rusage = ended["usage"]
+    run = timed_client(c.name, argv, env, work / "client.log", min(sample_s, 0.05), sshd.sample)
     return {
         "folder": folder,
         "argv": [os.path.basename(argv[0]), *argv[1:]],
-        "seconds": ended["t"] - t0,
-        "cpu_s": usage.ru_utime + usage.ru_stime,
-        "sshd_cpu_s": sshd_cpu,
-        "peak_pss_mib": max((v for v in pss if v), default=0) / 1024 or None,
+        "seconds": run.seconds,
+        "cpu_s": run.usage.ru_utime + run.usage.ru_stime,
+        "sshd_cpu_s": sshd.used(),
+        "peak_pss_mib": run.peak_pss_mib,
         "verify": verify_folder(ctx, folder, sources),
     }
 
